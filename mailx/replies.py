@@ -134,3 +134,39 @@ UTF8_NOT_REQUESTED = Reply(
 )
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for AUTH")
+
+# AUTH (RFC 4954 section 6).
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_MECHANISM_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_MALFORMED = Reply(501, "5.5.2", "Cannot decode the authentication response")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+
+# Outbound delivery (mailx/mx.py, mailx/client.py, mailx/outbound.py).
+DELIVERED = Reply(250, "2.0.0", "Delivered")
+DNS_TEMPORARY = Reply(451, "4.4.3", "Directory server failure")
+NO_SUCH_DOMAIN = Reply(550, "5.1.2", "Recipient domain does not exist")
+NULL_MX = Reply(556, "5.1.10", "Recipient domain accepts no mail (null MX, RFC 7505)")
+MAIL_LOOP = Reply(554, "5.4.6", "Mail loop: no exchange better than this host")
+LITERAL_NOT_ALLOWED = Reply(550, "5.1.2", "Address literals are not delivered to")
+NO_ROUTE = Reply(451, "4.4.4", "No usable next hop, will retry")
+CONNECT_FAILED = Reply(451, "4.4.1", "No answer from next hop")
+CONNECTION_DROPPED = Reply(451, "4.4.2", "Connection to next hop dropped")
+NEXT_HOP_TIMEOUT = Reply(451, "4.4.2", "Next hop timed out")
+TLS_REQUIRED_FAILED = Reply(451, "4.7.5", "TLS required by policy but not established")
+TLS_INJECTION = Reply(451, "4.7.0", "Next hop sent data in the clear after STARTTLS")
+NEXT_HOP_PROTOCOL_ERROR = Reply(451, "4.5.0", "Next hop broke the SMTP protocol")
+TOO_BIG_FOR_NEXT_HOP = Reply(
+    552, "5.3.4", "Message is larger than the next hop accepts"
+)
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Next hop lacks SMTPUTF8, needed by the addresses")
+NEEDS_UTF8_HEADERS = Reply(
+    554, "5.6.9", "Next hop lacks SMTPUTF8, needed by the UTF-8 header fields"
+)
+NEEDS_8BITMIME = Reply(
+    554, "5.6.3", "Next hop lacks 8BITMIME and the message cannot be converted"
+)
+NEEDS_BINARYMIME = Reply(
+    554, "5.6.3", "Next hop lacks BINARYMIME, needed by the message"
+)
+AUTH_FAILED = Reply(451, "4.7.0", "Authentication to the smarthost failed")
