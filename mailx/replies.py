@@ -169,4 +169,4 @@ NEEDS_8BITMIME = Reply(
 NEEDS_BINARYMIME = Reply(
     554, "5.6.3", "Next hop lacks BINARYMIME, needed by the message"
 )
-AUTH_FAILED = Reply(451, "4.7.0", "Authentication to the smarthost failed")
+SMARTHOST_AUTH_FAILED = Reply(451, "4.7.0", "Authentication to the smarthost failed")
