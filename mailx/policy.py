@@ -1,0 +1,108 @@
+"""
+Who may send what: the decision for each MAIL and RCPT.
+
+For every forward path the answer is one of four (issue 3's table):
+
+==================  =====================  =====================
+domain of the path  untrusted client       trusted client
+==================  =====================  =====================
+local               LOCAL (or 550 5.1.1)   LOCAL (or 550 5.1.1)
+backup              BACKUP                 BACKUP
+any other           554 5.7.1 refused      RELAY
+==================  =====================  =====================
+
+A client is trusted when its address is in ``relay.networks`` or it has
+authenticated; nothing else counts (not its EHLO name, its reverse path or a
+reverse DNS name).  Only the part after the last ``@`` of a parsed path names
+the domain; ``%`` and ``!`` in a local part are never routing syntax here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+
+from twisted.internet.defer import Deferred, succeed
+
+from mailx import replies
+from mailx.address import POSTMASTER, Address
+from mailx.envelope import ClientInfo, RecipientDecision, Route
+from mailx.replies import Reply
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
+
+
+class RelayPolicy:
+    """The ``mailx.envelope.Policy`` of a mail exchanger."""
+
+    def __init__(
+        self,
+        local_domains: Iterable[str],
+        backup_domains: Iterable[str],
+        relay_networks: Iterable[Network],
+        local_exists: Callable[[Address], bool],
+        sender_addresses: Mapping[str, Iterable[str]] | None = None,
+        backup_check: Callable[[Address], Deferred[RecipientDecision]] | None = None,
+    ) -> None:
+        self.local_domains = frozenset(domain.lower() for domain in local_domains)
+        self.backup_domains = frozenset(domain.lower() for domain in backup_domains)
+        self.relay_networks = tuple(relay_networks)
+        self.local_exists = local_exists
+        self.sender_addresses = {
+            user: frozenset(address.lower() for address in addresses)
+            for user, addresses in (sender_addresses or {}).items()
+        }
+        self.backup_check = backup_check
+
+    def is_trusted(self, client: ClientInfo) -> bool:
+        if client.authenticated_as is not None:
+            return True
+        try:
+            address = ipaddress.ip_address(client.address)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.relay_networks)
+
+    def check_sender(
+        self, client: ClientInfo, reverse_path: Address | None
+    ) -> Deferred[Reply]:
+        user = client.authenticated_as
+        if user is None or user not in self.sender_addresses:
+            return succeed(replies.SENDER_OK)
+        # RFC 6409 section 6.1: a submission server may check the sender.
+        if not _may_send(reverse_path, self.sender_addresses[user]):
+            return succeed(SENDER_NOT_OWNED)
+        return succeed(replies.SENDER_OK)
+
+    def check_recipient(
+        self, client: ClientInfo, reverse_path: Address | None, forward_path: Address
+    ) -> Deferred[RecipientDecision]:
+        decision = self._decide(client, forward_path)
+        if decision.route is Route.BACKUP and self.backup_check is not None:
+            return self.backup_check(forward_path)
+        return succeed(decision)
+
+    def _decide(self, client: ClientInfo, forward_path: Address) -> RecipientDecision:
+        domain = forward_path.domain_key
+        # RFC 5321 section 4.5.1: postmaster always exists.
+        if forward_path == POSTMASTER or domain in self.local_domains:
+            if not self.local_exists(forward_path):
+                return RecipientDecision(replies.NO_SUCH_USER)
+            return RecipientDecision(replies.RECIPIENT_OK, Route.LOCAL)
+        if domain in self.backup_domains:
+            return RecipientDecision(replies.RECIPIENT_OK, Route.BACKUP)
+        if self.is_trusted(client):
+            return RecipientDecision(replies.RECIPIENT_OK, Route.RELAY)
+        return RecipientDecision(replies.RELAY_DENIED)
+
+
+def _may_send(reverse_path: Address | None, allowed: frozenset[str]) -> bool:
+    """An entry ``user@domain`` allows that address, ``@domain`` all of it."""
+    if reverse_path is None:
+        return False
+    key = f"{reverse_path.local_part}@{reverse_path.domain}".lower()
+    return key in allowed or f"@{reverse_path.domain_key}" in allowed

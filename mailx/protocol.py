@@ -1,0 +1,192 @@
+"""
+The Twisted side of the SMTP server: a thin protocol that feeds octets to a
+``mailx.session.Session`` and carries out what it asks (write, start TLS,
+close), a factory per listener, and the connection limits they share.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    ITLSTransport,
+)
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.python.failure import Failure
+
+from mailx import replies
+from mailx.envelope import ClientInfo, MessageSink, Policy
+from mailx.maillog import maillog
+from mailx.session import Authenticator, Session, SessionConfig
+
+
+class ConnectionLimits:
+    """Caps on concurrent sessions, overall and per client address."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.active: Counter[str] = Counter()
+
+    def acquire(self, address: str) -> bool:
+        if sum(self.active.values()) >= self.total:
+            return False
+        if self.active[address] >= self.per_client:
+            return False
+        self.active[address] += 1
+        return True
+
+    def release(self, address: str) -> None:
+        self.active[address] -= 1
+        if self.active[address] <= 0:
+            del self.active[address]
+
+
+@dataclass
+class ListenerSettings:
+    """What differs between the SMTP, submission and implicit-TLS listeners."""
+
+    name: str
+    session: SessionConfig
+    idle_timeout: float
+    # RFC 8314: the transport is already TLS when the session starts.
+    implicit_tls: bool = False
+    tls: IOpenSSLServerConnectionCreator | None = None
+
+
+class SMTPServerProtocol(Protocol):
+    """Adapts one connection to a ``Session``."""
+
+    factory: SMTPServerFactory
+    session: Session | None = None
+    _address = ""
+    _counted = False
+    _timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        settings = self.factory.settings
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        address, port = _host_and_port(peer)
+        self._address = address
+        if not self.factory.limits.acquire(address):
+            maillog.info(
+                "reject: connection from [{client_address}]: too many connections",
+                client_address=address,
+            )
+            self.transport.write(  # type: ignore[union-attr]
+                replies.TOO_MANY_CONNECTIONS.to_bytes()
+            )
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._counted = True
+
+        client = ClientInfo(
+            address=address,
+            port=port,
+            tls=settings.implicit_tls,
+            listener=settings.name,
+        )
+        self.session = Session(
+            settings.session,
+            client,
+            self.factory.policy,
+            self.factory.sink,
+            self,
+            self.factory.clock.seconds,
+            self.factory.authenticator,
+        )
+        self._restart_timer()
+        self.factory.sessions.add(self)
+        self.session.connection_made()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.session is None:
+            return
+        # The idle timer restarts only when a command or line is complete,
+        # so a client sending one octet at a time cannot hold its slot.
+        before = self.session.progress
+        self.session.data_received(data)
+        if self.session.progress != before:
+            self._restart_timer()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.session is not None:
+            self.session.connection_lost()
+            self.factory.sessions.discard(self)
+        if self._counted:
+            self._counted = False
+            self.factory.limits.release(self._address)
+
+    def _restart_timer(self) -> None:
+        timeout = self.factory.settings.idle_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.factory.clock.callLater(timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.session is not None:
+            self.session.timed_out()
+
+    # mailx.session.SessionOutput
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def start_tls(self) -> None:
+        context = self.factory.settings.tls
+        transport = self.transport
+        if context is None or not ITLSTransport.providedBy(transport):
+            self.write(replies.TLS_NOT_AVAILABLE.to_bytes())
+            self.close()
+            return
+        transport.startTLS(context)
+        # Octets the client sent in the clear after STARTTLS were dropped by
+        # the session; from here on the transport hands us decrypted data.
+        assert self.session is not None
+        self.session.tls_started()
+
+    def close(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class SMTPServerFactory(ServerFactory):
+    protocol = SMTPServerProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        policy: Policy,
+        sink: MessageSink,
+        clock: IReactorTime,
+        limits: ConnectionLimits,
+        authenticator: Authenticator | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.sink = sink
+        self.clock = clock
+        self.limits = limits
+        self.authenticator = authenticator
+        self.sessions: set[SMTPServerProtocol] = set()
+
+    def shut_down(self) -> None:
+        """Tell every open session 421 and close it (RFC 5321 section 3.8)."""
+        for protocol in list(self.sessions):
+            if protocol.session is not None:
+                protocol.session.shutting_down()
+
+
+def _host_and_port(peer: IAddress) -> tuple[str, int]:
+    host = getattr(peer, "host", "")
+    port = getattr(peer, "port", 0)
+    return str(host), int(port)
