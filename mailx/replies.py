@@ -170,3 +170,7 @@ NEEDS_BINARYMIME = Reply(
     554, "5.6.3", "Next hop lacks BINARYMIME, needed by the message"
 )
 SMARTHOST_AUTH_FAILED = Reply(451, "4.7.0", "Authentication to the smarthost failed")
+
+# The spool (mailx/spool.py): a recipient still pending when the queue
+# lifetime runs out (RFC 5321 section 4.5.4.1; RFC 3463 X.4.7).
+DELIVERY_EXPIRED = Reply(554, "5.4.7", "Delivery time expired: queue lifetime exceeded")
