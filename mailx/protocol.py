@@ -161,6 +161,8 @@ class SMTPServerProtocol(Protocol):
 
 class SMTPServerFactory(ServerFactory):
     protocol = SMTPServerProtocol  # type: ignore[assignment]
+    # The mail log says what happens; no "starting factory" lines.
+    noisy = False
 
     def __init__(
         self,

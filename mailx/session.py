@@ -242,6 +242,8 @@ class Session:
         self.mode = Mode.COMMAND
         self.envelope: Envelope | None = None
         self.errors = 0
+        # Counts commands and text lines read; the idle timer watches it.
+        self.progress = 0
         self.busy = False
         self._buffer = bytearray()
         self._pending_output: list[bytes] = []
@@ -335,6 +337,7 @@ class Session:
             return False
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 2]
+        self.progress += 1
         if self._overlong_command or len(line) + 2 > limit:
             self._overlong_command = False
             self.mode = Mode.COMMAND
@@ -350,6 +353,7 @@ class Session:
         assert self._reader is not None
         consumed, ended = self._reader.feed(self._buffer)
         del self._buffer[:consumed]
+        self.progress += 1 if consumed else 0
         if ended:
             reader, self._reader = self._reader, None
             self.mode = Mode.COMMAND
@@ -363,6 +367,7 @@ class Session:
     def _read_chunk(self) -> None:
         taken = bytes(self._buffer[: self._chunk_remaining])
         del self._buffer[: len(taken)]
+        self.progress += 1
         self._chunk_remaining -= len(taken)
         if not self._chunk_discard and self._chunks is not None:
             self._chunks.add(taken)
@@ -868,7 +873,7 @@ class Session:
         ]
         if len(envelope.recipients) == 1:
             lines.append(f"\tfor <{envelope.recipients[0].address}>")
-        date = formatdate(envelope.received_at, localtime=False)
+        date = formatdate(envelope.received_at, localtime=True)
         lines[-1] += f"; {date}"
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.interfaces import (
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 
@@ -69,7 +73,7 @@ def _split_pem_certificates(data: bytes) -> list[bytes]:
     return pieces
 
 
-@implementer(IOpenSSLContextFactory)
+@implementer(IOpenSSLContextFactory, IOpenSSLServerConnectionCreator)
 class ReloadableContext:
     """A context factory whose certificate can be re-read without a restart."""
 
@@ -84,3 +88,8 @@ class ReloadableContext:
 
     def getContext(self) -> SSL.Context:
         return self._options.getContext()
+
+    def serverConnectionForTLS(
+        self, tlsProtocol: TLSMemoryBIOProtocol
+    ) -> SSL.Connection:
+        return SSL.Connection(self.getContext(), None)

@@ -1,0 +1,174 @@
+"""
+Where an accepted message goes: the server's ``MessageSink``.
+
+Recipients in local domains are written into their Maildirs; every other
+recipient (backup MX and relay) is written into the spool, which passes the
+message on.  The server says 250 only when both are durable; if either
+fails it says 451 4.3.0 and the client sends the whole message again (a
+local copy may then arrive twice, which is better than none).
+
+``LocalFirstAgent`` is the spool's ``DeliveryAgent``: it delivers into local
+Maildirs itself (delivery status notifications to local senders, mail for a
+local domain queued while the server could not store it) and hands every
+other domain to the outbound client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+
+from mailx import maildir, replies
+from mailx.address import Address
+from mailx.envelope import Envelope, Route
+from mailx.maillog import maillog
+from mailx.replies import Reply
+from mailx.spool import DeliveryAgent, RecipientResult
+
+_T = TypeVar("_T")
+RunIO = Callable[[Callable[[], _T]], Deferred[_T]]
+
+DELIVERED = Reply(250, "2.0.0", "Delivered to Maildir")
+
+
+class Mailbox(Protocol):
+    def maildir(self, root: str) -> str: ...
+
+
+class Mailboxes(Protocol):
+    def resolve(self, address: Address) -> Sequence[Mailbox] | None: ...
+
+
+class Queue(Protocol):
+    def enqueue(self, envelope: Envelope, content: bytes) -> Deferred[str]: ...
+
+
+class LocalStore:
+    """Writes messages into the Maildirs of local recipients."""
+
+    def __init__(self, root: str, mailboxes: Mailboxes, run_io: RunIO[None]) -> None:
+        self.root = root
+        self.mailboxes = mailboxes
+        self.run_io = run_io
+
+    def deliver(
+        self,
+        message_id: str,
+        reverse_path: Address | None,
+        recipients: Iterable[Address],
+        content: bytes,
+    ) -> Deferred[None]:
+        """Store one copy per distinct mailbox; fail if any write fails."""
+        targets: dict[str, Address] = {}
+        for recipient in recipients:
+            for mailbox in self.mailboxes.resolve(recipient) or []:
+                targets.setdefault(mailbox.maildir(self.root), recipient)
+        return_path = "" if reverse_path is None else str(reverse_path)
+
+        def write_all() -> None:
+            for path, recipient in targets.items():
+                stored = maildir.to_stored_form(content, return_path, str(recipient))
+                maildir.deliver(path, stored)
+
+        deferred = self.run_io(write_all)
+
+        def logged(result: None) -> None:
+            for path, recipient in targets.items():
+                maillog.info(
+                    "{message_id}: delivered to=<{recipient}> maildir={maildir}",
+                    message_id=message_id,
+                    recipient=str(recipient),
+                    maildir=path,
+                )
+
+        deferred.addCallback(logged)
+        return deferred
+
+
+class Router:
+    """The ``mailx.envelope.MessageSink`` of the server."""
+
+    def __init__(self, local: LocalStore, queue: Queue | None) -> None:
+        self.local = local
+        self.queue = queue
+
+    def receive(self, envelope: Envelope, content: bytes) -> Deferred[Reply]:
+        local = [r for r in envelope.recipients if r.route is Route.LOCAL]
+        others = [r for r in envelope.recipients if r.route is not Route.LOCAL]
+
+        deferred: Deferred[object] = succeed(None)
+        if others:
+            if self.queue is None:
+                return succeed(replies.LOCAL_ERROR)
+            queued = Envelope(
+                reverse_path=envelope.reverse_path,
+                recipients=others,
+                body=envelope.body,
+                smtputf8=envelope.smtputf8,
+                declared_size=envelope.declared_size,
+                ret=envelope.ret,
+                envid=envelope.envid,
+                client=envelope.client,
+                message_id=envelope.message_id,
+                received_at=envelope.received_at,
+            )
+            deferred = self.queue.enqueue(queued, content)  # type: ignore[assignment]
+        if local:
+            addresses = [r.address for r in local]
+            deferred.addCallback(
+                lambda _: self.local.deliver(
+                    envelope.message_id, envelope.reverse_path, addresses, content
+                )
+            )
+        deferred.addCallback(lambda _: replies.OK)
+        return deferred  # type: ignore[return-value]
+
+
+class LocalFirstAgent:
+    """The spool's ``DeliveryAgent``: local domains here, others outbound."""
+
+    def __init__(
+        self,
+        local: LocalStore,
+        local_domains: Iterable[str],
+        outbound: DeliveryAgent | None,
+    ) -> None:
+        self.local = local
+        self.local_domains = frozenset(domain.lower() for domain in local_domains)
+        self.outbound = outbound
+
+    def deliver(
+        self,
+        reverse_path: Address | None,
+        domain: str,
+        recipients: list[Address],
+        content: bytes,
+        envelope: Envelope,
+    ) -> Deferred[list[RecipientResult]]:
+        if domain.lower() not in self.local_domains and domain != "":
+            if self.outbound is None:
+                reply = Reply(451, "4.4.0", "No outbound delivery configured")
+                return succeed([RecipientResult(r, reply) for r in recipients])
+            return self.outbound.deliver(
+                reverse_path, domain, recipients, content, envelope
+            )
+        known = [r for r in recipients if self.local.mailboxes.resolve(r)]
+        results = [
+            RecipientResult(r, replies.NO_SUCH_USER, "local")
+            for r in recipients
+            if r not in known
+        ]
+        deferred = self.local.deliver(envelope.message_id, reverse_path, known, content)
+
+        def stored(_: None) -> list[RecipientResult]:
+            return results + [RecipientResult(r, DELIVERED, "local") for r in known]
+
+        def failed(_: object) -> list[RecipientResult]:
+            return results + [
+                RecipientResult(r, replies.STORAGE_FAILED, "local") for r in known
+            ]
+
+        deferred.addCallbacks(stored, failed)
+        return deferred  # type: ignore[return-value]
