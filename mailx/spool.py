@@ -1,0 +1,921 @@
+"""
+The spool: a persistent, crash-safe queue of messages to pass on.
+
+Theory of operation.  A message lives in three directories under the spool
+directory: ``tmp/`` while it is written, then ``content/ID`` (the message as
+received) and ``envelope/ID`` (a ``QueuedMessage`` as JSON).  The envelope is
+renamed into place last, after the content is durable: an envelope file is
+the commit point, so a crash leaves either a whole message or files that
+recovery removes (anything in ``tmp/``, a content file with no envelope).
+
+``enqueue`` writes and fsyncs both temporary files in a worker thread, then
+joins a group commit: one worker call renames every message waiting to be
+committed and fsyncs each directory once for all of them.  Its Deferred fires
+only after that, so no 250 goes out before its message is durable.
+
+Delivery calls the ``DeliveryAgent`` once per (message, recipient domain) with
+every pending recipient of that domain, applies each recipient's reply, and
+rewrites the envelope atomically.  Notifications (RFC 3464) are queued as
+messages of their own with the null reverse path, and are never sent to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast
+
+from twisted.application.service import Service
+from twisted.internet.defer import (
+    Deferred,
+    DeferredLock,
+    fail,
+    gatherResults,
+    succeed,
+)
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IReactorFromThreads,
+    IReactorTime,
+    IReactorUNIX,
+)
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mailx import replies
+from mailx.address import Address, parse_mailbox
+from mailx.dsn import Action, RecipientReport, Report, build_report
+from mailx.envelope import Body, Envelope, Route
+from mailx.queue import (
+    MessageKind,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    RetryPolicy,
+    Schedule,
+)
+from mailx.replies import Reply, ReplyError
+
+_T = TypeVar("_T")
+
+# The mail log: one line per business event, parsed by operators' tools.
+maillog = Logger(namespace="mailx.mail")
+log = Logger()
+
+# Queue ids name files: letters and digits only, so no id can leave its
+# directory.  64 is ample for mailx's own ids and any the server assigns.
+QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
+
+# Messages in delivery at once.  A recovered queue of 100,000 messages must
+# not open 100,000 connections; 20 is Postfix's default per-destination
+# concurrency, used here as a bound for the whole spool.
+MAX_PARALLEL = 20
+
+# Worker threads for spool I/O: enough for several sessions' fsyncs to
+# overlap, few enough that a burst of mail cannot start unbounded threads.
+IO_THREADS = 8
+
+# Postfix-like defaults (minimal_backoff_time, maximal_backoff_time,
+# maximal_queue_lifetime, delay_warning_time): 5 minutes, about an hour,
+# 5 days (RFC 5321 section 4.5.4.1 asks for at least 4 to 5), 4 hours.
+DEFAULT_MIN_RETRY = 300.0
+DEFAULT_MAX_RETRY = 4000.0
+DEFAULT_LIFETIME = 5 * 86400.0
+DEFAULT_DELAY_WARNING = 4 * 3600.0
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The outcome of a delivery attempt for one recipient."""
+
+    recipient: Address
+    reply: Reply
+    # The host or address the reply came from; "" when none answered.
+    next_hop: str = ""
+
+
+class DeliveryAgent(Protocol):
+    """Passes a message on to the next hop of one recipient domain."""
+
+    def deliver(
+        self,
+        reverse_path: Address | None,
+        domain: str,
+        recipients: list[Address],
+        content: bytes,
+        envelope: Envelope,
+    ) -> Deferred[list[RecipientResult]]:
+        """
+        Try to deliver ``content`` to ``recipients`` (all in ``domain``).
+        Every recipient gets a reply: 2xx delivered, 4xx temporary, 5xx
+        permanent.  It never fails for delivery problems.
+        """
+
+
+class IORunner(Protocol):
+    """Runs blocking work away from the reactor thread."""
+
+    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]: ...
+
+
+class UnknownMessage(KeyError):
+    """No message with this queue id is in the spool."""
+
+
+class MessageHeld(Exception):
+    """The message is on hold; release it first."""
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file at ``path``, flushed and fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """One message found on disk at start: what scheduling needs."""
+
+    message_id: str
+    next_attempt: float
+    hold: bool
+    arrival: float
+
+
+class SpoolStore:
+    """
+    The spool directory.  Every method blocks on the file system: the
+    ``Spool`` runs them in worker threads.  ``fault_hook`` is called with a
+    point's name before each step that matters to crash safety, so a test can
+    kill the process there.
+    """
+
+    def __init__(
+        self, directory: str, fault_hook: Callable[[str], None] | None = None
+    ) -> None:
+        self.directory = directory
+        self.tmp = os.path.join(directory, "tmp")
+        self.content = os.path.join(directory, "content")
+        self.envelope = os.path.join(directory, "envelope")
+        self._fault_hook = fault_hook
+
+    def _fault(self, point: str) -> None:
+        if self._fault_hook is not None:
+            self._fault_hook(point)
+
+    def prepare(self) -> None:
+        for path in (self.tmp, self.content, self.envelope):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+
+    def content_path(self, message_id: str) -> str:
+        return os.path.join(self.content, message_id)
+
+    def envelope_path(self, message_id: str) -> str:
+        return os.path.join(self.envelope, message_id)
+
+    def _temp(self, message_id: str, part: str) -> str:
+        return os.path.join(self.tmp, f"{message_id}.{part}")
+
+    def write_temp(self, message: QueuedMessage, content: bytes) -> None:
+        """Write a new message's two files under ``tmp/``, each fsynced."""
+        _write_synced(self._temp(message.message_id, "content"), content)
+        _write_synced(self._temp(message.message_id, "envelope"), message.to_json())
+        self._fault("written")
+
+    def commit(self, message_ids: list[str]) -> None:
+        """
+        Move written messages into place: every content file first, made
+        durable by one fsync of its directory, then every envelope, made
+        durable by one more.  Two directory fsyncs serve the whole batch.
+        """
+        for message_id in message_ids:
+            os.replace(self._temp(message_id, "content"), self.content_path(message_id))
+        _fsync_directory(self.content)
+        self._fault("content-committed")
+
+        for message_id in message_ids:
+            os.replace(
+                self._temp(message_id, "envelope"), self.envelope_path(message_id)
+            )
+        _fsync_directory(self.envelope)
+        self._fault("committed")
+
+    def discard(self, message_id: str) -> None:
+        """Remove whatever a failed enqueue left of a message."""
+        for path in (
+            self.envelope_path(message_id),
+            self.content_path(message_id),
+            self._temp(message_id, "envelope"),
+            self._temp(message_id, "content"),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def load(self, message_id: str) -> QueuedMessage:
+        with open(self.envelope_path(message_id), "rb") as file:
+            return QueuedMessage.from_json(file.read())
+
+    def read_content(self, message_id: str) -> bytes:
+        with open(self.content_path(message_id), "rb") as file:
+            return file.read()
+
+    def load_with_content(self, message_id: str) -> tuple[QueuedMessage, bytes]:
+        return self.load(message_id), self.read_content(message_id)
+
+    def rewrite(self, message: QueuedMessage) -> None:
+        """Replace a message's envelope atomically and durably."""
+        temp = self._temp(message.message_id, "rewrite")
+        _write_synced(temp, message.to_json())
+        self._fault("rewrite")
+        os.replace(temp, self.envelope_path(message.message_id))
+        _fsync_directory(self.envelope)
+        self._fault("rewritten")
+
+    def remove(self, message_id: str) -> bool:
+        """Remove a message, envelope first; False if it was not there."""
+        self._fault("remove")
+        try:
+            os.unlink(self.envelope_path(message_id))
+        except FileNotFoundError:
+            return False
+        _fsync_directory(self.envelope)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.content_path(message_id))
+        return True
+
+    def ids(self) -> list[str]:
+        """The ids of every committed message, in arrival order of the id."""
+        return sorted(
+            entry.name
+            for entry in os.scandir(self.envelope)
+            if QUEUE_ID.fullmatch(entry.name)
+        )
+
+    def recover(self) -> tuple[list[Recovered], list[str]]:
+        """
+        Remove what a crash left half written and list every whole message.
+        Only envelopes are read.  Returns the messages and the names of the
+        files removed.
+        """
+        removed = []
+        for entry in os.scandir(self.tmp):
+            os.unlink(entry.path)
+            removed.append(os.path.join("tmp", entry.name))
+
+        envelopes = {entry.name for entry in os.scandir(self.envelope)}
+        contents = {entry.name for entry in os.scandir(self.content)}
+        # A content file without its envelope was never committed.
+        for name in sorted(contents - envelopes):
+            os.unlink(self.content_path(name))
+            removed.append(os.path.join("content", name))
+        # An envelope without content cannot be delivered: set it aside.
+        for name in sorted(envelopes - contents):
+            os.replace(self.envelope_path(name), self._temp(name, "orphan"))
+            removed.append(os.path.join("envelope", name))
+
+        found = []
+        for name in sorted(envelopes & contents):
+            try:
+                message = self.load(name)
+            except (OSError, ValueError):
+                removed.append(os.path.join("envelope", name))
+                continue
+            found.append(
+                Recovered(name, message.next_attempt, message.hold, message.arrival)
+            )
+        return found, removed
+
+
+def new_queue_id(now: float) -> str:
+    """A queue id: microseconds since the epoch in hex, then 40 random bits."""
+    return f"{int(now * 1_000_000):014X}{secrets.token_hex(5).upper()}"
+
+
+def _parse_copy_address(value: str | Address | None) -> Address | None:
+    if value is None or isinstance(value, Address):
+        return value
+    return parse_mailbox(value, utf8=True)
+
+
+class Spool(Service):
+    """The queue of messages to pass on, as a Twisted service."""
+
+    def __init__(
+        self,
+        directory: str,
+        reactor: IReactorTime,
+        agent: DeliveryAgent,
+        hostname: str,
+        min_retry: float = DEFAULT_MIN_RETRY,
+        max_retry: float = DEFAULT_MAX_RETRY,
+        lifetime: float = DEFAULT_LIFETIME,
+        delay_warning: float = DEFAULT_DELAY_WARNING,
+        bounce_copy_to: str | Address | None = None,
+        rng: random.Random | None = None,
+        *,
+        control_socket: str | None = None,
+        run_io: IORunner | None = None,
+        max_parallel: int = MAX_PARALLEL,
+        fault_hook: Callable[[str], None] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._agent = agent
+        self.hostname = hostname
+        self.policy = RetryPolicy(min_retry, max_retry, lifetime, delay_warning)
+        self.bounce_copy_to = _parse_copy_address(bounce_copy_to)
+        self._rng = rng or random.Random()
+        self._control_socket = control_socket
+        self._max_parallel = max_parallel
+        self.store = SpoolStore(directory, fault_hook)
+        self.store.prepare()
+
+        self._pool: ThreadPool | None = None
+        if run_io is None:
+            self._pool = ThreadPool(0, IO_THREADS, name="mailx-spool")
+            run_io = self._run_in_pool
+        self._run_io: IORunner = run_io
+
+        self.schedule = Schedule()
+        self._in_flight: set[str] = set()
+        self._locks: dict[str, DeferredLock] = {}
+        self._timer: IDelayedCall | None = None
+        self._to_commit: list[tuple[str, Deferred[None]]] = []
+        self._committing: Deferred[None] | None = None
+        self._control_port: IListeningPort | None = None
+        # Fires with the number of messages found once recovery is done.
+        self.recovery: Deferred[int] | None = None
+
+    def _run_in_pool(self, work: Callable[[], _T]) -> Deferred[_T]:
+        assert self._pool is not None
+        threads = cast(IReactorFromThreads, self._reactor)
+        return deferToThreadPool(threads, self._pool, work)
+
+    def _now(self) -> float:
+        return self._reactor.seconds()
+
+    # Service life.
+
+    def startService(self) -> None:
+        # Twisted's Service is not annotated.
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._pool is not None:
+            self._pool.start()
+        self.recovery = self._run_io(self.store.recover).addCallback(self._recovered)
+        if self._control_socket is not None:
+            self._listen_control(self._control_socket)
+
+    def _recovered(self, result: tuple[list[Recovered], list[str]]) -> int:
+        found, removed = result
+        for name in removed:
+            log.warn("removed partial spool file {name}", name=name)
+        for item in found:
+            # The lifetime applies to messages queued before it changed.
+            when = min(item.next_attempt, self.policy.expires_at(item.arrival))
+            self.schedule.put(item.message_id, when, item.hold)
+        log.info("recovered {count} queued messages", count=len(found))
+        self._run_due()
+        return len(found)
+
+    def _listen_control(self, path: str) -> None:
+        from twisted.internet.endpoints import UNIXServerEndpoint
+
+        from mailx.control import ControlFactory
+
+        unix = cast(IReactorUNIX, self._reactor)
+        endpoint = UNIXServerEndpoint(unix, path, mode=0o600, wantPID=True)
+
+        def listening(port: IListeningPort) -> None:
+            self._control_port = port
+
+        def failed(failure: Failure) -> None:
+            log.failure("control socket {path} unavailable", failure, path=path)
+
+        listened = endpoint.listen(ControlFactory(self))
+        listened.addCallbacks(listening, failed)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        waits: list[Deferred[Any]] = []
+        if self._control_port is not None:
+            port, self._control_port = self._control_port, None
+            waits.append(Deferred.fromCoroutine(self._stop_port(port)))
+        if self._committing is not None:
+            waits.append(self._committing)
+        done: Deferred[Any] = gatherResults(waits, consumeErrors=True)
+        return done.addBoth(self._stop_pool)
+
+    async def _stop_port(self, port: IListeningPort) -> None:
+        stopped = port.stopListening()
+        if stopped is not None:
+            await stopped
+
+    def _stop_pool(self, _: object) -> None:
+        if self._pool is not None and self._pool.started:
+            self._pool.stop()
+
+    # Accepting messages.
+
+    def enqueue(self, envelope: Envelope, content: bytes) -> Deferred[str]:
+        """
+        Store a message for every recipient of ``envelope``; fire with its
+        queue id once content and envelope are durable.  A storage failure
+        fails the Deferred with a ``ReplyError`` carrying 451 4.3.0.
+        """
+        now = self._now()
+        message_id = envelope.message_id
+        if not QUEUE_ID.fullmatch(message_id):
+            message_id = new_queue_id(now)
+        message = QueuedMessage.from_envelope(message_id, envelope, len(content), now)
+        return self._store_new(message, content)
+
+    def _store_new(self, message: QueuedMessage, content: bytes) -> Deferred[str]:
+        message_id = message.message_id
+        written = self._run_io(lambda: self.store.write_temp(message, content))
+        committed = written.addCallback(lambda _: self._join_commit(message_id))
+
+        def accepted(_: None) -> str:
+            sender = message.reverse_path or ""
+            maillog.info(
+                "queued {message_id} from=<{sender}> nrcpt={nrcpt} size={size}",
+                message_id=message_id,
+                sender=str(sender),
+                nrcpt=len(message.recipients),
+                size=message.size,
+            )
+            self.schedule.put(message_id, message.next_attempt)
+            self._run_due()
+            return message_id
+
+        def failed(failure: Failure) -> str:
+            log.failure("could not store {message_id}", failure, message_id=message_id)
+            self._run_io(lambda: self.store.discard(message_id)).addErrback(
+                lambda f: log.failure("could not clean up", f)
+            )
+            raise ReplyError(replies.STORAGE_FAILED) from failure.value
+
+        return committed.addCallbacks(accepted, failed)
+
+    def _join_commit(self, message_id: str) -> Deferred[None]:
+        waiting: Deferred[None] = Deferred()
+        self._to_commit.append((message_id, waiting))
+        if self._committing is None:
+            self._commit_batch()
+        return waiting
+
+    def _commit_batch(self) -> None:
+        batch, self._to_commit = self._to_commit, []
+        ids = [message_id for message_id, _ in batch]
+
+        def settle(result: Failure | None) -> None:
+            self._committing = None
+            for _, waiting in batch:
+                if isinstance(result, Failure):
+                    waiting.errback(result)
+                else:
+                    waiting.callback(None)
+            if self._to_commit:
+                self._commit_batch()
+
+        self._committing = self._run_io(lambda: self.store.commit(ids))
+        self._committing.addBoth(settle)
+
+    # Scheduling.
+
+    def _run_due(self) -> None:
+        """Start every due attempt there is room for; wake up for the next."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self.running:
+            return
+
+        now = self._now()
+        while len(self._in_flight) < self._max_parallel:
+            message_id = self.schedule.pop_due(now)
+            if message_id is None:
+                break
+            if message_id not in self._in_flight:
+                self._start_attempt(message_id)
+
+        earliest = self.schedule.earliest()
+        if earliest is not None and len(self._in_flight) < self._max_parallel:
+            delay = max(0.0, earliest - now)
+            self._timer = self._reactor.callLater(delay, self._run_due)
+
+    def _locked(
+        self, message_id: str, work: Callable[[], Deferred[_T]]
+    ) -> Deferred[_T]:
+        """Run ``work`` with no other operation on the message under way."""
+        lock = self._locks.setdefault(message_id, DeferredLock())
+
+        def release(result: _T | Failure) -> _T | Failure:
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(message_id, None)
+            return result
+
+        return lock.run(work).addBoth(release)
+
+    def _start_attempt(self, message_id: str) -> None:
+        self._in_flight.add(message_id)
+
+        def attempt() -> Deferred[None]:
+            return Deferred.fromCoroutine(self._attempt(message_id))
+
+        def done(result: Failure | None) -> None:
+            self._in_flight.discard(message_id)
+            if isinstance(result, Failure):
+                log.failure(
+                    "attempt for {message_id} failed", result, message_id=message_id
+                )
+                self._retry_later(message_id)
+            self._run_due()
+
+        self._locked(message_id, attempt).addBoth(done)
+
+    def _retry_later(self, message_id: str) -> None:
+        if message_id in self.schedule:
+            when = self._now() + self.policy.min_retry
+            self.schedule.put(message_id, when, self.schedule.is_held(message_id))
+
+    # Delivery.
+
+    async def _attempt(self, message_id: str) -> None:
+        if message_id not in self.schedule:
+            return
+        try:
+            message, content = await self._run_io(
+                lambda: self.store.load_with_content(message_id)
+            )
+        except FileNotFoundError:
+            log.warn("queued message {message_id} vanished", message_id=message_id)
+            self.schedule.remove(message_id)
+            return
+        if message.hold:
+            self.schedule.put(message_id, message.next_attempt, hold=True)
+            return
+
+        started = self._now()
+        if self.policy.is_expired(message.arrival, started):
+            self._expire(message, started)
+        else:
+            await self._deliver(message, content, started)
+        await self._after_attempt(message, content)
+
+    def _expire(self, message: QueuedMessage, now: float) -> None:
+        # RFC 5321 section 4.5.4.1: the message has been queued too long.
+        maillog.info(
+            "expired {message_id} from=<{sender}> nrcpt={nrcpt} age={age:.0f}",
+            message_id=message.message_id,
+            sender=str(message.reverse_path or ""),
+            nrcpt=len(message.pending),
+            age=now - message.arrival,
+        )
+        for recipient in message.pending:
+            recipient.state = RecipientState.BOUNCED
+            recipient.expired = True
+            recipient.reply = recipient.reply or replies.DELIVERY_EXPIRED
+
+    async def _deliver(
+        self, message: QueuedMessage, content: bytes, started: float
+    ) -> None:
+        groups = message.pending_by_domain()
+        attempts = [
+            self._deliver_group(message, domain, recipients, content)
+            for domain, recipients in groups.items()
+        ]
+        outcomes = await gatherResults(attempts)
+        finished = self._now()
+        message.attempts += 1
+        message.last_attempt = finished
+        delivered = []
+        for recipients, results in zip(groups.values(), outcomes, strict=True):
+            for recipient in recipients:
+                self._apply(message, recipient, results, finished)
+                if recipient.state is RecipientState.DELIVERED:
+                    delivered.append(recipient)
+        await self._notify_success(message, content, delivered, finished)
+
+    def _deliver_group(
+        self,
+        message: QueuedMessage,
+        domain: str,
+        recipients: list[QueuedRecipient],
+        content: bytes,
+    ) -> Deferred[dict[Address, RecipientResult]]:
+        # RFC 5321 section 3.3: one transaction carries every recipient that
+        # shares the next hop; the agent groups a domain's recipients so.
+        addresses = [r.address for r in recipients]
+        try:
+            attempt = self._agent.deliver(
+                message.reverse_path,
+                domain,
+                addresses,
+                content,
+                message.to_envelope(recipients),
+            )
+        except Exception:
+            attempt = fail()
+
+        def by_address(
+            results: list[RecipientResult],
+        ) -> dict[Address, RecipientResult]:
+            return {result.recipient: result for result in results}
+
+        def temporary(failure: Failure) -> dict[Address, RecipientResult]:
+            log.failure("delivery agent failed for {domain}", failure, domain=domain)
+            return {a: RecipientResult(a, replies.LOCAL_ERROR) for a in addresses}
+
+        return attempt.addCallbacks(by_address, temporary)
+
+    def _apply(
+        self,
+        message: QueuedMessage,
+        recipient: QueuedRecipient,
+        results: dict[Address, RecipientResult],
+        now: float,
+    ) -> None:
+        """Record one recipient's reply, and log it."""
+        result = results.get(recipient.address)
+        if result is None:
+            # The agent owes every recipient a reply; a missing one is retried.
+            result = RecipientResult(recipient.address, replies.LOCAL_ERROR)
+        recipient.reply = result.reply
+        recipient.next_hop = result.next_hop
+        recipient.attempts += 1
+        recipient.last_attempt = now
+
+        code = result.reply.code
+        if 200 <= code < 300:
+            recipient.state = RecipientState.DELIVERED
+            event = "delivered"
+        elif code >= 500:
+            recipient.state = RecipientState.BOUNCED
+            event = "bounced"
+        else:
+            event = "deferred"
+        maillog.info(
+            event + " {message_id} to=<{recipient}> relay={relay} "
+            "attempts={attempts} reply={reply}",
+            message_id=message.message_id,
+            recipient=str(recipient.address),
+            relay=result.next_hop or "none",
+            attempts=recipient.attempts,
+            reply=str(result.reply),
+        )
+
+    async def _after_attempt(self, message: QueuedMessage, content: bytes) -> None:
+        now = self._now()
+        if not message.pending:
+            await self._finish(message, content)
+            return
+
+        if self.policy.warning_due(message, now):
+            await self._notify_delay(message, content, now)
+        message.next_attempt = self.policy.next_attempt(message, now, self._rng)
+        await self._run_io(lambda: self.store.rewrite(message))
+        self.schedule.put(message.message_id, message.next_attempt, message.hold)
+
+    async def _finish(self, message: QueuedMessage, content: bytes) -> None:
+        """Report the failed recipients, then take the message off the queue."""
+        try:
+            await self._notify_failure(message, content)
+        except Exception:
+            # Keep the message so the report is tried again; it stays durable.
+            log.failure("could not queue a report for {id}", id=message.message_id)
+            message.next_attempt = self._now() + self.policy.min_retry
+            await self._run_io(lambda: self.store.rewrite(message))
+            self.schedule.put(message.message_id, message.next_attempt)
+            return
+
+        await self._run_io(lambda: self.store.remove(message.message_id))
+        self.schedule.remove(message.message_id)
+        maillog.info("removed {message_id}", message_id=message.message_id)
+
+    # Notifications.
+
+    def _report_for(
+        self, message: QueuedMessage, recipient: QueuedRecipient, action: Action
+    ) -> RecipientReport:
+        return RecipientReport(
+            recipient=recipient.address,
+            action=action,
+            reply=recipient.reply,
+            orcpt=recipient.orcpt,
+            remote_mta=recipient.next_hop,
+            last_attempt=recipient.last_attempt,
+            will_retry_until=(
+                self.policy.expires_at(message.arrival)
+                if action is Action.DELAYED
+                else None
+            ),
+            # RFC 3463 section 3.5: X.4.7, delivery time expired.
+            status="5.4.7" if recipient.expired else None,
+        )
+
+    async def _notify_success(
+        self,
+        message: QueuedMessage,
+        content: bytes,
+        delivered: list[QueuedRecipient],
+        now: float,
+    ) -> None:
+        # RFC 3461 section 4.1: NOTIFY=SUCCESS asks for a report on delivery.
+        # Mail passed to another host is "relayed", the next hop reports on.
+        items = [
+            self._report_for(
+                message,
+                r,
+                Action.DELIVERED if r.route is Route.LOCAL else Action.RELAYED,
+            )
+            for r in delivered
+            if r.wants("SUCCESS")
+        ]
+        try:
+            await self._send_report(message, content, items, now)
+        except Exception:
+            log.failure("success report for {id} lost", id=message.message_id)
+
+    async def _notify_delay(
+        self, message: QueuedMessage, content: bytes, now: float
+    ) -> None:
+        items = [
+            self._report_for(message, r, Action.DELAYED)
+            for r in message.pending
+            if r.wants("DELAY")
+        ]
+        try:
+            await self._send_report(message, content, items, now)
+        except Exception:
+            log.failure("delay warning for {id} not queued", id=message.message_id)
+            return
+        message.delay_warned = True
+
+    async def _notify_failure(self, message: QueuedMessage, content: bytes) -> None:
+        # NOTIFY speaks for the sender; with a null reverse path there is no
+        # sender to ask, and every failure counts for bounce_copy_to.
+        items = [
+            self._report_for(message, r, Action.FAILED)
+            for r in message.in_state(RecipientState.BOUNCED)
+            if message.reverse_path is None or r.wants("FAILURE")
+        ]
+        await self._send_report(message, content, items, self._now())
+
+    async def _send_report(
+        self,
+        message: QueuedMessage,
+        content: bytes,
+        items: list[RecipientReport],
+        now: float,
+    ) -> None:
+        """Queue one report on ``items``; never to the null reverse path."""
+        if not items:
+            return
+        report = Report(
+            self.hostname,
+            message.message_id,
+            message.arrival,
+            now,
+            items,
+            message.ret,
+            message.envid,
+        )
+        failed = any(item.action is Action.FAILED for item in items)
+        if message.reverse_path is not None:
+            await self._queue_report(
+                message, report, content, message.reverse_path, MessageKind.DSN
+            )
+            return
+
+        # RFC 3461 section 6.2: no report about a message with a null reverse
+        # path.  A failure is logged, and copied once to bounce_copy_to.
+        if not failed:
+            return
+        copy_to = self.bounce_copy_to
+        if copy_to is None or message.kind is MessageKind.COPY:
+            maillog.info(
+                "dropped {message_id} reason={reason}",
+                message_id=message.message_id,
+                reason="undeliverable report",
+            )
+            return
+        await self._queue_report(message, report, content, copy_to, MessageKind.COPY)
+
+    async def _queue_report(
+        self,
+        message: QueuedMessage,
+        report: Report,
+        content: bytes,
+        recipient: Address,
+        kind: MessageKind,
+    ) -> None:
+        data = build_report(report, recipient, content)
+        now = self._now()
+        dsn_id = new_queue_id(now)
+        dsn = QueuedMessage(
+            message_id=dsn_id,
+            reverse_path=None,
+            recipients=[QueuedRecipient(recipient, notify=frozenset({"NEVER"}))],
+            arrival=now,
+            size=len(data),
+            next_attempt=now,
+            kind=kind,
+            body=Body.SEVEN_BIT if data.isascii() else Body.EIGHT_BIT,
+            smtputf8=recipient.is_utf8,
+        )
+        await self._store_new(dsn, data)
+        actions = sorted({item.action.value for item in report.recipients})
+        maillog.info(
+            "notified {message_id} dsn={dsn_id} action={action} to=<{recipient}>",
+            message_id=message.message_id,
+            dsn_id=dsn_id,
+            action=",".join(actions),
+            recipient=str(recipient),
+        )
+
+    # Operator commands (the control channel and ``mailx queue``).
+
+    def _known(self, message_id: str) -> None:
+        if message_id not in self.schedule:
+            raise UnknownMessage(message_id)
+
+    def flush(self, message_id: str | None = None) -> None:
+        """Make one message, or every message not on hold, due now."""
+        now = self._now()
+        if message_id is None:
+            for each in self.schedule.ids():
+                if not self.schedule.is_held(each):
+                    self.schedule.put(each, now)
+        else:
+            self._known(message_id)
+            if self.schedule.is_held(message_id):
+                raise MessageHeld(message_id)
+            self.schedule.put(message_id, now)
+        self._run_due()
+
+    def hold(self, message_id: str) -> Deferred[None]:
+        """Keep a message from delivery until it is released."""
+        return self._set_hold(message_id, True)
+
+    def release(self, message_id: str) -> Deferred[None]:
+        """Let a held message go, with an attempt at once."""
+        return self._set_hold(message_id, False)
+
+    def _set_hold(self, message_id: str, hold: bool) -> Deferred[None]:
+        async def change() -> None:
+            self._known(message_id)
+            message = await self._run_io(lambda: self.store.load(message_id))
+            message.hold = hold
+            if not hold:
+                message.next_attempt = self._now()
+            await self._run_io(lambda: self.store.rewrite(message))
+            self.schedule.put(message_id, message.next_attempt, hold)
+            event = "held" if hold else "released"
+            maillog.info(event + " {message_id}", message_id=message_id)
+            self._run_due()
+
+        return self._locked(message_id, lambda: Deferred.fromCoroutine(change()))
+
+    def delete(self, message_id: str) -> Deferred[None]:
+        """Take a message off the queue without any report."""
+
+        async def remove() -> None:
+            self._known(message_id)
+            await self._run_io(lambda: self.store.remove(message_id))
+            self.schedule.remove(message_id)
+            maillog.info("deleted {message_id}", message_id=message_id)
+
+        return self._locked(message_id, lambda: Deferred.fromCoroutine(remove()))
+
+
+def synchronous_io(work: Callable[[], _T]) -> Deferred[_T]:
+    """An ``IORunner`` that runs work at once, for tests and tools."""
+    try:
+        return succeed(work())
+    except Exception:
+        failed: Deferred[_T] = fail()
+        return failed
