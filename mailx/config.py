@@ -368,7 +368,7 @@ def _endpoint(key: str, value: object) -> str:
     try:
         # The endpoint is built to check the string and thrown away; no reactor
         # is needed for that, so a placeholder stands in for one.
-        serverFromString(object(), value)  # type: ignore[no-untyped-call]
+        serverFromString(object(), value)
     except Exception as error:
         # Endpoint parsers (plugins included) raise ValueError, TypeError and
         # more; any of them means the string is unusable.
