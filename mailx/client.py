@@ -1,0 +1,772 @@
+"""
+The outbound ESMTP client: one mail transaction with one next hop.
+
+Theory of operation
+-------------------
+``ClientSession`` is the dialogue as a pure state machine.  Its inputs are the
+octets the next hop sends (``data_received``), the news that the connection
+ended or timed out, and that TLS was started.  Its outputs are ``Action``
+values: ``Send`` octets, ``StartTLS``, ``StreamContent`` (the message, in
+blocks) and ``Finish`` with a ``SessionOutcome``.  It never touches a socket,
+so every path is testable with plain bytes.
+
+The phases run in this order, each waiting for the replies it needs::
+
+    GREETING -> EHLO (-> HELO) [-> STARTTLS -> EHLO] [-> AUTH]
+             -> MAIL and RCPT (pipelined when offered) -> DATA or BDAT
+             -> CONTENT -> QUIT
+
+``SessionOutcome`` says, for this host, what became of each recipient: a
+reply of its own (RCPT refused, or the final reply after the content), or the
+host-level ``failure`` (421, timeout, dropped connection, MAIL refused, a
+needed extension missing) which sends the recipient on to the next exchange.
+
+``SMTPClientProtocol`` is the thin Twisted adapter: it feeds the machine,
+performs its actions, arms the RFC 5321 section 4.5.3.2 timeout of each
+phase on the injected clock and fires ``done`` with the outcome.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from mailx import replies
+from mailx.address import Address
+from mailx.envelope import Body
+from mailx.replies import Reply
+
+# RFC 5321 section 4.5.3.1.5 limits a reply line to 512 octets; we tolerate
+# longer lines from sloppy peers but no more than this.
+MAX_REPLY_LINE = 8192
+# RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients per transaction.
+MAX_RECIPIENTS_PER_TRANSACTION = 100
+# Size of the blocks the content is written in (each one arms the RFC 5321
+# section 4.5.3.2.5 data block timeout).
+BLOCK_SIZE = 64 * 1024
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-phase timeouts in seconds, defaults from RFC 5321 section 4.5.3.2."""
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    # Section 4.5.3.2 names no value for EHLO, STARTTLS, AUTH or QUIT; the
+    # MAIL value is used for them.
+    command: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+
+
+class Phase(enum.Enum):
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    HELO = "helo"
+    STARTTLS = "starttls"
+    TLS_EHLO = "ehlo after starttls"
+    AUTH = "auth"
+    ENVELOPE = "mail/rcpt"
+    DATA = "data"
+    CONTENT = "content"
+    QUIT = "quit"
+    DONE = "done"
+
+
+class TLSMode(enum.Enum):
+    NONE = "none"
+    # RFC 7435: opportunistic, unauthenticated encryption.
+    MAY = "may"
+    # Required and verified; failing that, the host is skipped for now.
+    VERIFY = "verify"
+
+
+@dataclass
+class Transaction:
+    """What to send: the envelope parts for one domain and the content."""
+
+    reverse_path: Address | None
+    recipients: list[Address]
+    content: bytes
+    body: Body = Body.SEVEN_BIT
+    smtputf8: bool = False
+
+
+@dataclass
+class SessionOutcome:
+    """What one next hop did with a transaction."""
+
+    # Replies that settle a recipient for this attempt, by recipient index.
+    replies: dict[int, Reply] = field(default_factory=dict)
+    # The host-level reply for every recipient not in ``replies``.
+    failure: Reply | None = None
+    tls: bool = False
+    # A failed opportunistic STARTTLS handshake: try this host again in clear.
+    retry_plain: bool = False
+
+
+@dataclass(frozen=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    pass
+
+
+@dataclass(frozen=True)
+class StreamContent:
+    blocks: Iterator[bytes]
+
+
+@dataclass(frozen=True)
+class Finish:
+    outcome: SessionOutcome
+
+
+Action = Send | StartTLS | StreamContent | Finish
+
+
+class ReplyParser:
+    """Octets in, complete replies (RFC 5321 section 4.2.1) out."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._lines: list[str] = []
+
+    @property
+    def pending(self) -> bytes:
+        """Octets received after the last complete reply."""
+        return self._buffer
+
+    def feed(self, data: bytes) -> Iterator[Reply]:
+        """Yield each complete reply; raise ValueError on a malformed one."""
+        self._buffer += data
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    raise ValueError("reply line too long")
+                return
+            raw, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            line = raw.rstrip(b"\r").decode("utf-8", "replace")
+            if not re.fullmatch(r"[2-5][0-9][0-9]([ -].*)?", line, re.DOTALL):
+                raise ValueError(f"malformed reply line {line[:40]!r}")
+            self._lines.append(line)
+            if len(line) == 3 or line[3] == " ":
+                yield self._reply()
+
+    def _reply(self) -> Reply:
+        lines, self._lines = self._lines, []
+        code = int(lines[0][:3])
+        texts = [line[4:] for line in lines]
+        # RFC 2034 section 4: the enhanced code starts the text of each line.
+        found = _ENHANCED.match(texts[0])
+        enhanced = ""
+        if found and found.group(1) == str(code)[0]:
+            enhanced = found.group(0).strip()
+            texts = [
+                t[len(enhanced) :].lstrip() if t.startswith(enhanced) else t
+                for t in texts
+            ]
+        return Reply(code, enhanced, "\n".join(texts))
+
+
+class DotStuffer:
+    """
+    Encode content for DATA (RFC 5321 section 4.5.2): a "." that starts a line
+    is doubled, and every line ends with CRLF (section 2.3.8: bare CR and LF
+    are never sent).  Works across block boundaries.
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._after_cr = False
+
+    def encode(self, block: bytes) -> bytes:
+        out = bytearray()
+        for byte in block:
+            if self._after_cr:
+                self._after_cr = False
+                out += b"\r\n"
+                self._at_line_start = True
+                if byte == 0x0A:
+                    continue
+            if byte == 0x0D:
+                self._after_cr = True
+                continue
+            if byte == 0x0A:
+                out += b"\r\n"
+                self._at_line_start = True
+                continue
+            if self._at_line_start and byte == 0x2E:
+                out += b"."
+            out.append(byte)
+            self._at_line_start = False
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        """The end of the content and the end-of-data indication."""
+        tail = b""
+        if self._after_cr or not self._at_line_start:
+            tail = b"\r\n"
+        self._after_cr = False
+        return tail + b".\r\n"
+
+
+def normalise_line_endings(content: bytes) -> bytes:
+    """Every line ending CRLF; a bare CR or LF becomes CRLF."""
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+
+
+def dot_stuffed_blocks(content: bytes, size: int = BLOCK_SIZE) -> Iterator[bytes]:
+    """The content as DATA sends it, in blocks, end-of-data included."""
+    stuffer = DotStuffer()
+    for start in range(0, len(content), size):
+        block = stuffer.encode(content[start : start + size])
+        if block:
+            yield block
+    yield stuffer.finish()
+
+
+def _split_message(content: bytes) -> tuple[bytes, bytes]:
+    end = content.find(b"\r\n\r\n")
+    if end < 0:
+        return content, b""
+    return content[: end + 2], content[end + 4 :]
+
+
+def has_8bit(data: bytes) -> bool:
+    return any(byte >= 0x80 for byte in data)
+
+
+def _header_fields(header: bytes) -> list[bytes]:
+    """The header section split into fields, folded lines kept together."""
+    fields: list[bytes] = []
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        elif line:
+            fields.append(line)
+    return fields
+
+
+def _field_value(fields: list[bytes], name: bytes) -> bytes | None:
+    for item in fields:
+        field_name, _, value = item.partition(b":")
+        if field_name.strip().lower() == name:
+            return value.strip().lower()
+    return None
+
+
+def to_quoted_printable(content: bytes) -> bytes | None:
+    """
+    Convert an 8-bit message to 7 bits where that is safe (RFC 6152 section 3
+    allows a downgrade, RFC 2045 section 6.7 defines the encoding): a single
+    part, not multipart or message, ASCII header.  None when it is not safe.
+    """
+    header, body = _split_message(content)
+    if has_8bit(header):
+        return None
+    fields = _header_fields(header)
+    content_type = _field_value(fields, b"content-type") or b"text/plain"
+    if content_type.startswith((b"multipart/", b"message/")):
+        return None
+    encoding = _field_value(fields, b"content-transfer-encoding")
+    if encoding not in (None, b"7bit", b"8bit"):
+        return None
+
+    kept = [
+        f
+        for f in fields
+        if f.partition(b":")[0].strip().lower() != b"content-transfer-encoding"
+    ]
+    if _field_value(fields, b"mime-version") is None:
+        kept.append(b"MIME-Version: 1.0")
+    kept.append(b"Content-Transfer-Encoding: quoted-printable")
+    lines = body.split(b"\r\n")
+    encoded = [binascii.b2a_qp(line).replace(b"\n", b"\r\n") for line in lines]
+    return b"\r\n".join(kept) + b"\r\n\r\n" + b"\r\n".join(encoded)
+
+
+class _Step(enum.Enum):
+    MAIL = "mail"
+    RCPT = "rcpt"
+
+
+class ClientSession:
+    """The client side of one SMTP session, as a state machine."""
+
+    def __init__(
+        self,
+        hostname: str,
+        transaction: Transaction,
+        tls_mode: TLSMode = TLSMode.MAY,
+        auth: tuple[str, str] | None = None,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        self._hostname = hostname
+        self._transaction = transaction
+        self._tls_mode = tls_mode
+        self._auth = auth
+        self._block_size = block_size
+        self._parser = ReplyParser()
+        self._extensions: dict[str, str] = {}
+        self._awaiting: list[tuple[_Step, int]] = []
+        self._accepted: list[int] = []
+        self._mail_reply: Reply | None = None
+        self._content = transaction.content
+        self._queued: list[str] = []
+        self._use_utf8 = False
+        self._body_parameter = ""
+        self.phase = Phase.GREETING
+        self.outcome = SessionOutcome()
+        self.last_reply: Reply | None = None
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """The EHLO keywords of the peer (upper case) and their parameters."""
+        return dict(self._extensions)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.DONE
+
+    def data_received(self, data: bytes) -> list[Action]:
+        """Octets from the next hop in; the actions they call for out."""
+        if self.phase is Phase.DONE:
+            return []
+        actions: list[Action] = []
+        try:
+            for reply in self._parser.feed(data):
+                self.last_reply = reply
+                actions.extend(self._handle(reply))
+                if self.finished or any(isinstance(a, StartTLS) for a in actions):
+                    break
+        except ValueError as reason:
+            failure = replies.NEXT_HOP_PROTOCOL_ERROR
+            return actions + self._fail(failure.with_text(f"{failure.text}: {reason}"))
+        return actions
+
+    def connection_lost(self) -> SessionOutcome:
+        """The connection ended; the outcome so far, final."""
+        if self.phase is Phase.DONE:
+            return self.outcome
+        if self.phase is Phase.TLS_EHLO and self._tls_mode is TLSMode.MAY:
+            # RFC 7435 section 6: a failed opportunistic handshake is retried
+            # in clear.
+            self.outcome.retry_plain = True
+            self.outcome.tls = False
+            self._fail(replies.CONNECTION_DROPPED.with_text("TLS handshake failed"))
+        elif self.phase is Phase.TLS_EHLO:
+            self._fail(
+                replies.TLS_REQUIRED_FAILED.with_text(
+                    f"{replies.TLS_REQUIRED_FAILED.text}: handshake or verification"
+                    " failed"
+                )
+            )
+        else:
+            text = f"{replies.CONNECTION_DROPPED.text} during {self.phase.value}"
+            self._fail(replies.CONNECTION_DROPPED.with_text(text))
+        return self.outcome
+
+    def timed_out(self) -> list[Action]:
+        """The timeout of the current phase ran out."""
+        if self.phase is Phase.DONE:
+            return []
+        text = f"{replies.NEXT_HOP_TIMEOUT.text} during {self.phase.value}"
+        return self._fail(replies.NEXT_HOP_TIMEOUT.with_text(text))
+
+    def tls_started(self) -> list[Action]:
+        """The adapter has started TLS; greet again (RFC 3207 section 4.2)."""
+        self.outcome.tls = True
+        self._extensions = {}
+        self.phase = Phase.TLS_EHLO
+        return [self._command(f"EHLO {self._hostname}")]
+
+    def content_sent(self) -> None:
+        """Every block of the content has been handed to the transport."""
+
+    def _command(self, line: str) -> Send:
+        return Send(line.encode("utf-8") + b"\r\n")
+
+    def _fail(self, reply: Reply) -> list[Action]:
+        self.outcome.failure = reply
+        self.phase = Phase.DONE
+        return [Finish(self.outcome)]
+
+    def _quit(self) -> list[Action]:
+        self.phase = Phase.DONE
+        return [self._command("QUIT"), Finish(self.outcome)]
+
+    def _handle(self, reply: Reply) -> list[Action]:
+        # RFC 5321 section 3.8: a 421 may come at any time; the host is closing.
+        if reply.code == 421:
+            return self._fail(reply)
+        handler = {
+            Phase.GREETING: self._on_greeting,
+            Phase.EHLO: self._on_ehlo,
+            Phase.TLS_EHLO: self._on_ehlo,
+            Phase.HELO: self._on_helo,
+            Phase.STARTTLS: self._on_starttls,
+            Phase.AUTH: self._on_auth,
+            Phase.ENVELOPE: self._on_envelope,
+            Phase.DATA: self._on_data,
+            Phase.CONTENT: self._on_content,
+        }.get(self.phase)
+        if handler is None:
+            return []
+        return handler(reply)
+
+    def _on_greeting(self, reply: Reply) -> list[Action]:
+        if reply.code != 220:
+            return self._fail(reply)
+        self.phase = Phase.EHLO
+        return [self._command(f"EHLO {self._hostname}")]
+
+    def _on_ehlo(self, reply: Reply) -> list[Action]:
+        if reply.is_positive:
+            self._extensions = _parse_extensions(reply)
+            return self._after_greeting()
+        if reply.is_permanent and self.phase is Phase.EHLO:
+            # RFC 5321 section 3.2: an old server that does not know EHLO.
+            self.phase = Phase.HELO
+            return [self._command(f"HELO {self._hostname}")]
+        return self._fail(reply)
+
+    def _on_helo(self, reply: Reply) -> list[Action]:
+        if not reply.is_positive:
+            return self._fail(reply)
+        self._extensions = {}
+        return self._after_greeting()
+
+    def _after_greeting(self) -> list[Action]:
+        offered = "STARTTLS" in self._extensions
+        if not self.outcome.tls and self._tls_mode is not TLSMode.NONE and offered:
+            self.phase = Phase.STARTTLS
+            return [self._command("STARTTLS")]
+        if not self.outcome.tls and self._tls_mode is TLSMode.VERIFY:
+            text = f"{replies.TLS_REQUIRED_FAILED.text}: STARTTLS not offered"
+            return self._fail(replies.TLS_REQUIRED_FAILED.with_text(text))
+        if self._auth is not None:
+            return self._start_auth()
+        return self._start_transaction()
+
+    def _on_starttls(self, reply: Reply) -> list[Action]:
+        if reply.code == 220:
+            # RFC 3207 section 5 and RFC 7435: octets sent in the clear after
+            # the STARTTLS reply could be injected; never read them as replies.
+            if self._parser.pending:
+                return self._fail(replies.TLS_INJECTION)
+            return [StartTLS()]
+        if self._tls_mode is TLSMode.VERIFY:
+            text = f"{replies.TLS_REQUIRED_FAILED.text}: STARTTLS refused: {reply}"
+            return self._fail(replies.TLS_REQUIRED_FAILED.with_text(text))
+        if self._auth is not None:
+            return self._start_auth()
+        return self._start_transaction()
+
+    def _start_auth(self) -> list[Action]:
+        assert self._auth is not None
+        mechanisms = self._extensions.get("AUTH", "").upper().split()
+        if not self.outcome.tls or "PLAIN" not in mechanisms:
+            why = "no TLS" if not self.outcome.tls else "AUTH PLAIN not offered"
+            failure = replies.SMARTHOST_AUTH_FAILED
+            return self._fail(failure.with_text(f"{failure.text}: {why}"))
+        user, password = self._auth
+        # RFC 4616 section 2: authzid NUL authcid NUL passwd.
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+        self.phase = Phase.AUTH
+        return [self._command(f"AUTH PLAIN {token}")]
+
+    def _on_auth(self, reply: Reply) -> list[Action]:
+        if reply.code != 235:
+            failure = replies.SMARTHOST_AUTH_FAILED
+            return self._fail(failure.with_text(f"{failure.text}: {reply}"))
+        return self._start_transaction()
+
+    def _start_transaction(self) -> list[Action]:
+        problem = self._check_capabilities()
+        if problem is not None:
+            self.outcome.failure = problem
+            return self._quit()
+
+        transaction = self._transaction
+        reverse = str(transaction.reverse_path) if transaction.reverse_path else ""
+        commands = [f"MAIL FROM:<{reverse}>{self._mail_parameters()}"]
+        self._awaiting = [(_Step.MAIL, -1)]
+        for index, recipient in enumerate(transaction.recipients):
+            commands.append(f"RCPT TO:<{recipient}>")
+            self._awaiting.append((_Step.RCPT, index))
+        self.phase = Phase.ENVELOPE
+
+        # RFC 2920 section 3.1: with PIPELINING, MAIL and the RCPTs go in one
+        # group; DATA is held back until at least one RCPT has succeeded.
+        if "PIPELINING" in self._extensions:
+            return [Send(b"".join(self._command(c).data for c in commands))]
+        self._queued = commands[1:]
+        return [self._command(commands[0])]
+
+    def _check_capabilities(self) -> Reply | None:
+        transaction = self._transaction
+        extensions = self._extensions
+        header, body = _split_message(self._content)
+
+        addresses = [*transaction.recipients]
+        if transaction.reverse_path is not None:
+            addresses.append(transaction.reverse_path)
+        self._use_utf8 = "SMTPUTF8" in extensions and (
+            transaction.smtputf8 or any(a.is_utf8 for a in addresses)
+        )
+        # RFC 6531 section 3.2: a non-ASCII address needs SMTPUTF8 at the peer.
+        if "SMTPUTF8" not in extensions:
+            if any(a.is_utf8 for a in addresses):
+                return replies.NEEDS_SMTPUTF8
+            if has_8bit(header):
+                return replies.NEEDS_UTF8_HEADERS
+
+        self._body_parameter = ""
+        if transaction.body is Body.BINARY:
+            # RFC 3030 section 3: BINARYMIME only with CHUNKING.
+            if "BINARYMIME" not in extensions or "CHUNKING" not in extensions:
+                return replies.NEEDS_BINARYMIME
+            self._body_parameter = "BINARYMIME"
+        elif transaction.body is Body.EIGHT_BIT or has_8bit(body):
+            if "8BITMIME" in extensions:
+                self._body_parameter = "8BITMIME"
+            else:
+                converted = to_quoted_printable(self._content)
+                if converted is None:
+                    return replies.NEEDS_8BITMIME
+                self._content = converted
+
+        if transaction.body is not Body.BINARY:
+            self._content = normalise_line_endings(self._content)
+
+        # RFC 1870 section 6.5: a message larger than the peer's SIZE would
+        # be refused; do not send it.
+        limit = extensions.get("SIZE", "")
+        if limit.isdigit() and int(limit) > 0 and len(self._content) > int(limit):
+            return replies.TOO_BIG_FOR_NEXT_HOP.with_text(
+                f"{replies.TOO_BIG_FOR_NEXT_HOP.text} ({limit} octets)"
+            )
+        return None
+
+    def _mail_parameters(self) -> str:
+        parameters = ""
+        if "SIZE" in self._extensions:
+            parameters += f" SIZE={len(self._content)}"
+        if self._body_parameter:
+            parameters += f" BODY={self._body_parameter}"
+        if self._use_utf8:
+            parameters += " SMTPUTF8"
+        return parameters
+
+    def _on_envelope(self, reply: Reply) -> list[Action]:
+        step, index = self._awaiting.pop(0)
+        if step is _Step.MAIL:
+            self._mail_reply = reply
+        elif self._mail_reply is not None and self._mail_reply.is_positive:
+            if reply.is_positive:
+                self._accepted.append(index)
+            else:
+                self.outcome.replies[index] = reply
+
+        actions: list[Action] = []
+        mail_ok = self._mail_reply is not None and self._mail_reply.is_positive
+        if "PIPELINING" not in self._extensions and mail_ok and self._queued:
+            actions.append(self._command(self._queued.pop(0)))
+        if self._awaiting and (mail_ok or "PIPELINING" in self._extensions):
+            return actions
+        return self._envelope_done()
+
+    def _envelope_done(self) -> list[Action]:
+        assert self._mail_reply is not None
+        if not self._mail_reply.is_positive:
+            self.outcome.failure = self._mail_reply
+            return self._quit()
+        if not self._accepted:
+            return self._quit()
+        if "CHUNKING" in self._extensions:
+            # RFC 3030 section 2: one chunk, marked LAST, carries the content.
+            self.phase = Phase.CONTENT
+            head = f"BDAT {len(self._content)} LAST\r\n".encode("ascii")
+            return [StreamContent(self._bdat_blocks(head))]
+        self.phase = Phase.DATA
+        return [self._command("DATA")]
+
+    def _bdat_blocks(self, head: bytes) -> Iterator[bytes]:
+        yield head
+        size = self._block_size
+        for start in range(0, len(self._content), size):
+            yield self._content[start : start + size]
+
+    def _on_data(self, reply: Reply) -> list[Action]:
+        if reply.code != 354:
+            self._settle_accepted(reply)
+            return self._quit()
+        self.phase = Phase.CONTENT
+        return [StreamContent(dot_stuffed_blocks(self._content, self._block_size))]
+
+    def _on_content(self, reply: Reply) -> list[Action]:
+        self._settle_accepted(reply)
+        return self._quit()
+
+    def _settle_accepted(self, reply: Reply) -> None:
+        # RFC 5321 section 3.3: the reply to the end of data applies to every
+        # recipient whose RCPT was accepted.
+        for index in self._accepted:
+            self.outcome.replies[index] = reply
+
+
+def _parse_extensions(reply: Reply) -> dict[str, str]:
+    extensions: dict[str, str] = {}
+    # RFC 5321 section 4.1.1.1: the first line is the greeting, then one
+    # extension per line, keyword first.
+    for line in reply.text.split("\n")[1:]:
+        keyword, _, parameters = line.strip().partition(" ")
+        if keyword:
+            extensions[keyword.upper()] = parameters.strip()
+    return extensions
+
+
+class Scheduler(TypingProtocol):
+    """The part of IReactorTime the adapter uses."""
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> IDelayedCall: ...
+
+
+class _ContentProducer:
+    """A pull producer that writes the content one block at a time."""
+
+    def __init__(self, protocol: SMTPClientProtocol, blocks: Iterator[bytes]) -> None:
+        self._protocol = protocol
+        self._blocks = blocks
+        self._stopped = False
+
+    def resumeProducing(self) -> None:
+        if self._stopped:
+            return
+        block = next(self._blocks, None)
+        if block is None:
+            self._stopped = True
+            self._protocol.content_written()
+            return
+        self._protocol.block_written(block)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+
+
+class SMTPClientProtocol(Protocol):
+    """Connects a ``ClientSession`` to a transport, with per-phase timeouts."""
+
+    def __init__(
+        self,
+        session: ClientSession,
+        clock: Scheduler,
+        timeouts: Timeouts,
+        tls_options: Any = None,
+    ) -> None:
+        self.session = session
+        self.done: Deferred[SessionOutcome] = Deferred()
+        self._clock = clock
+        self._timeouts = timeouts
+        self._tls_options = tls_options
+        self._timer: IDelayedCall | None = None
+        self._producer: _ContentProducer | None = None
+
+    def connectionMade(self) -> None:
+        self._arm(self._timeouts.greeting)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._perform(self.session.data_received(data))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        if self._producer is not None:
+            self._producer.stopProducing()
+        self._finish(self.session.connection_lost())
+
+    def block_written(self, block: bytes) -> None:
+        """The producer's hook: one block goes out, the block timer restarts."""
+        self._arm(self._timeouts.data_block)
+        self.transport.write(block)  # type: ignore[union-attr]
+
+    def content_written(self) -> None:
+        """The producer's hook: all blocks went out; wait for the final reply."""
+        self._producer = None
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self.session.content_sent()
+        self._arm(self._timeouts.data_end)
+
+    def _perform(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.transport.write(action.data)  # type: ignore[union-attr]
+            elif isinstance(action, StartTLS):
+                self.transport.startTLS(self._tls_options)  # type: ignore[union-attr]
+                self._perform(self.session.tls_started())
+            elif isinstance(action, StreamContent):
+                self._producer = _ContentProducer(self, action.blocks)
+                self.transport.registerProducer(  # type: ignore[union-attr]
+                    self._producer, False
+                )
+            elif isinstance(action, Finish):
+                self._disarm()
+                self._finish(action.outcome)
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+        if self.session.phase is not Phase.DONE and self._producer is None:
+            self._arm(self._phase_timeout())
+
+    def _phase_timeout(self) -> float:
+        phase = self.session.phase
+        if phase is Phase.DATA:
+            return self._timeouts.data_init
+        if phase is Phase.CONTENT:
+            return self._timeouts.data_end
+        if phase is Phase.ENVELOPE:
+            return self._timeouts.rcpt
+        return self._timeouts.command
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self._clock.callLater(seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        actions = self.session.timed_out()
+        for action in actions:
+            if isinstance(action, Finish):
+                self._finish(action.outcome)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _finish(self, outcome: SessionOutcome) -> None:
+        if not self.done.called:
+            self.done.callback(outcome)

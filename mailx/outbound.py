@@ -1,0 +1,349 @@
+"""
+The outbound ``DeliveryAgent``: find the next hops of a domain and hand the
+message to the first that takes it.
+
+Theory of operation
+-------------------
+``OutboundAgent.deliver`` resolves the domain (``mailx.mx``), or takes the
+smarthost or the address literal instead, and walks the addresses of the next
+hops in order, at most ``max_hosts`` of them.  Each address gets one SMTP
+session (``mailx.client``) for the recipients still open.  A reply that
+settles a recipient (RCPT refused, the final reply to the content) ends its
+walk; a host-level failure (no connection, 421, timeout, dropped connection,
+MAIL refused) sends it on to the next address.  Once the walk ends, a
+recipient still open gets the last host-level reply: permanent only if every
+host that answered said so permanently, temporary otherwise.
+
+The agent never fails its Deferred for delivery problems: every recipient
+gets a reply.  One mail log line is written per attempt and reply.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.logger import Logger
+
+from mailx import replies
+from mailx.address import Address
+from mailx.client import (
+    MAX_RECIPIENTS_PER_TRANSACTION,
+    ClientSession,
+    SessionOutcome,
+    SMTPClientProtocol,
+    Timeouts,
+    TLSMode,
+    Transaction,
+)
+from mailx.envelope import Envelope
+from mailx.maillog import maillog
+from mailx.mx import HostHealth, MXResolver, ResolutionError, make_dns_resolver
+from mailx.replies import Reply
+from mailx.spool import RecipientResult
+
+log = Logger()
+
+# RFC 5321 section 4.5.4.2: the SMTP port.
+SMTP_PORT = 25
+# The issue's bound on hosts and addresses tried per attempt.
+DEFAULT_MAX_HOSTS = 5
+
+
+class OutboundAgent:
+    """Delivers queued mail to the exchanges of its domain, or a smarthost."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        hostname: str,
+        own_addresses: Sequence[str],
+        dns_servers: Sequence[tuple[str, int]],
+        port: int = SMTP_PORT,
+        smarthost: tuple[str, int] | None = None,
+        smarthost_user: str = "",
+        smarthost_password: str = "",
+        max_hosts: int = DEFAULT_MAX_HOSTS,
+        timeouts: Timeouts | None = None,
+        tls_policy: Mapping[str, str] | None = None,
+        tls_trust_root: Any = None,
+        dns_timeout: float = 5.0,
+        allow_literals: bool = True,
+        resolver: Any = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._hostname = hostname
+        self._own = {ipaddress.ip_address(a) for a in own_addresses}
+        self._port = port
+        self._smarthost = smarthost
+        self._auth = (smarthost_user, smarthost_password) if smarthost_user else None
+        self._max_hosts = max_hosts
+        self._timeouts = timeouts or Timeouts()
+        self._tls_policy = {k.lower(): v for k, v in (tls_policy or {}).items()}
+        self._trust_root = tls_trust_root
+        self._allow_literals = allow_literals
+        if resolver is None:
+            resolver = make_dns_resolver(reactor, dns_servers)
+        # twisted.names re-sends a query after each of these; they add up to
+        # the configured timeout.
+        retries = (dns_timeout / 3, dns_timeout * 2 / 3)
+        self.mx = MXResolver(
+            resolver, reactor, hostname, own_addresses, retries, rng=rng
+        )
+        self.health = HostHealth(reactor)
+
+    def deliver(
+        self,
+        reverse_path: Address | None,
+        domain: str,
+        recipients: list[Address],
+        content: bytes,
+        envelope: Envelope,
+    ) -> Deferred[list[RecipientResult]]:
+        """Deliver ``content`` to ``recipients`` of ``domain``; never fails."""
+        coroutine = self._deliver(reverse_path, domain, recipients, content, envelope)
+        return Deferred.fromCoroutine(coroutine)
+
+    async def _deliver(
+        self,
+        reverse_path: Address | None,
+        domain: str,
+        recipients: list[Address],
+        content: bytes,
+        envelope: Envelope,
+    ) -> list[RecipientResult]:
+        try:
+            return await self._deliver_or_raise(
+                reverse_path, domain, recipients, content, envelope
+            )
+        except Exception:
+            log.failure("Outbound delivery to {domain} failed", domain=domain)
+            return [RecipientResult(r, replies.LOCAL_ERROR, "") for r in recipients]
+
+    async def _deliver_or_raise(
+        self,
+        reverse_path: Address | None,
+        domain: str,
+        recipients: list[Address],
+        content: bytes,
+        envelope: Envelope,
+    ) -> list[RecipientResult]:
+        try:
+            targets = await self._targets(domain)
+        except ResolutionError as problem:
+            self._log(envelope, recipients, "", "", 0, False, problem.reply)
+            return [RecipientResult(r, problem.reply, "") for r in recipients]
+
+        results: list[RecipientResult] = []
+        size = MAX_RECIPIENTS_PER_TRANSACTION
+        for start in range(0, len(recipients), size):
+            batch = recipients[start : start + size]
+            transaction = Transaction(
+                reverse_path, batch, content, envelope.body, envelope.smtputf8
+            )
+            results.extend(await self._walk(domain, targets, transaction, envelope))
+        return results
+
+    async def _targets(self, domain: str) -> list[tuple[str, str]]:
+        """``(host, address)`` pairs to try, in order, at most max_hosts."""
+        pairs: list[tuple[str, str]] = []
+        if self._smarthost is not None:
+            host = self._smarthost[0]
+            for address in await self.mx.resolve_host(host):
+                pairs.append((host, address))
+        elif domain.startswith("["):
+            pairs = [(domain, self._literal_address(domain))]
+        else:
+            for hop in await self.mx.resolve(domain):
+                pairs.extend((hop.host, address) for address in hop.addresses)
+        ordered = self.health.order(pairs)
+        return ordered[: self._max_hosts]
+
+    def _literal_address(self, domain: str) -> str:
+        # RFC 5321 section 4.1.3: the literal names the host to deliver to.
+        if not self._allow_literals:
+            raise ResolutionError(replies.LITERAL_NOT_ALLOWED)
+        literal = Address("", domain).literal_ip or ""
+        try:
+            address = ipaddress.ip_address(literal)
+        except ValueError:
+            raise ResolutionError(replies.BAD_DESTINATION) from None
+        if address in self._own:
+            raise ResolutionError(replies.MAIL_LOOP)
+        return str(address)
+
+    async def _walk(
+        self,
+        domain: str,
+        targets: list[tuple[str, str]],
+        transaction: Transaction,
+        envelope: Envelope,
+    ) -> list[RecipientResult]:
+        recipients = transaction.recipients
+        settled: dict[int, RecipientResult] = {}
+        open_indices = list(range(len(recipients)))
+        failures: list[Reply] = []
+        last_hop = ""
+
+        for host, address in targets:
+            if not open_indices:
+                break
+            subset = [recipients[i] for i in open_indices]
+            attempt = Transaction(
+                transaction.reverse_path,
+                subset,
+                transaction.content,
+                transaction.body,
+                transaction.smtputf8,
+            )
+            outcome = await self._attempt(domain, host, address, attempt, envelope)
+            last_hop = f"{host}[{address}]"
+
+            still_open = []
+            for position, index in enumerate(open_indices):
+                reply = outcome.replies.get(position)
+                if reply is None:
+                    still_open.append(index)
+                else:
+                    settled[index] = RecipientResult(recipients[index], reply, last_hop)
+            open_indices = still_open
+            if outcome.failure is not None:
+                failures.append(outcome.failure)
+
+        for index in open_indices:
+            reply = _walk_failure(failures)
+            settled[index] = RecipientResult(recipients[index], reply, last_hop)
+        return [settled[i] for i in range(len(recipients))]
+
+    async def _attempt(
+        self,
+        domain: str,
+        host: str,
+        address: str,
+        transaction: Transaction,
+        envelope: Envelope,
+    ) -> SessionOutcome:
+        mode = self._tls_mode(domain)
+        outcome = await self._session(host, address, transaction, mode, envelope)
+        if outcome.retry_plain:
+            # RFC 7435 section 6: fall back to a session in clear.
+            outcome = await self._session(
+                host, address, transaction, TLSMode.NONE, envelope
+            )
+        return outcome
+
+    def _tls_mode(self, domain: str) -> TLSMode:
+        key = self._smarthost[0] if self._smarthost else domain
+        if self._tls_policy.get(key.lower()) == "verify":
+            return TLSMode.VERIFY
+        return TLSMode.MAY
+
+    async def _session(
+        self,
+        host: str,
+        address: str,
+        transaction: Transaction,
+        mode: TLSMode,
+        envelope: Envelope,
+    ) -> SessionOutcome:
+        port = self._smarthost[1] if self._smarthost else self._port
+        session = ClientSession(self._hostname, transaction, mode, self._auth)
+        protocol = SMTPClientProtocol(
+            session, self._reactor, self._timeouts, self._tls_options(host, mode)
+        )
+        endpoint = self._endpoint(address, port)
+        try:
+            await connectProtocol(endpoint, protocol)
+        except Exception as reason:
+            self.health.mark_down(address)
+            failure = replies.CONNECT_FAILED.with_text(
+                f"{replies.CONNECT_FAILED.text}: {type(reason).__name__}"
+            )
+            outcome = SessionOutcome(failure=failure)
+        else:
+            outcome = await protocol.done
+            if outcome.failure is not None and outcome.failure.enhanced == "4.4.2":
+                self.health.mark_down(address)
+            else:
+                self.health.mark_up(address)
+        self._log_outcome(envelope, transaction, host, address, port, outcome)
+        return outcome
+
+    def _endpoint(self, address: str, port: int) -> Any:
+        timeout = self._timeouts.connect
+        if ipaddress.ip_address(address).version == 6:
+            return TCP6ClientEndpoint(self._reactor, address, port, timeout=timeout)
+        return TCP4ClientEndpoint(self._reactor, address, port, timeout=timeout)
+
+    def _tls_options(self, host: str, mode: TLSMode) -> Any:
+        if mode is TLSMode.VERIFY:
+            trust = self._trust_root or ssl.platformTrust()  # type: ignore[no-untyped-call]
+            return ssl.optionsForClientTLS(host, trustRoot=trust)
+        # RFC 7435: opportunistic TLS encrypts without authenticating.
+        return ssl.CertificateOptions()
+
+    def _log_outcome(
+        self,
+        envelope: Envelope,
+        transaction: Transaction,
+        host: str,
+        address: str,
+        port: int,
+        outcome: SessionOutcome,
+    ) -> None:
+        groups: dict[Reply, list[Address]] = {}
+        for position, recipient in enumerate(transaction.recipients):
+            reply = outcome.replies.get(position, outcome.failure)
+            if reply is not None:
+                groups.setdefault(reply, []).append(recipient)
+        for reply, recipients in groups.items():
+            self._log(envelope, recipients, host, address, port, outcome.tls, reply)
+
+    def _log(
+        self,
+        envelope: Envelope,
+        recipients: list[Address],
+        host: str,
+        address: str,
+        port: int,
+        tls: bool,
+        reply: Reply,
+    ) -> None:
+        status = "sent" if reply.is_positive else "deferred"
+        if reply.is_permanent:
+            status = "bounced"
+        maillog.info(
+            "{message_id}: to=<{recipients}> relay={next_hop}[{address}]:{port} "
+            "tls={tls} status={status} ({reply})",
+            message_id=envelope.message_id,
+            recipients=">,<".join(str(r) for r in recipients),
+            next_hop=host or "none",
+            address=address,
+            port=port,
+            tls="yes" if tls else "no",
+            status=status,
+            reply=str(reply),
+        )
+
+
+def _walk_failure(failures: list[Reply]) -> Reply:
+    """
+    The reply for a recipient no host settled: permanent only when every host
+    said so (RFC 5321 section 5.1 asks to try the other exchanges first).
+    """
+    if not failures:
+        return replies.NO_ROUTE
+    transient = [f for f in failures if not f.is_permanent]
+    if transient:
+        return transient[-1]
+    return failures[-1]
