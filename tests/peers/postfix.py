@@ -80,9 +80,9 @@ def why_unavailable() -> str:
     return "the postfix user or postdrop group is missing (reinstall postfix)"
 
 
-def make_workdir(parent: str | None = None) -> Path:
+def make_workdir(parent: str | None = None, prefix: str = "mailx-postfix-") -> Path:
     """Make a fresh work directory that the postfix user can traverse."""
-    path = Path(tempfile.mkdtemp(prefix="mailx-postfix-", dir=parent))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     path.chmod(0o755)
     return path
 

@@ -1,0 +1,264 @@
+"""
+The servers a benchmark compares: each one starts in a fresh work directory,
+listens on one loopback address, delivers the benchmark's recipient into a
+Maildir whose files the harness counts, and is one process session whose CPU
+and memory the harness reads from /proc.
+
+- ``postfix``: a private Postfix instance (tests/peers/postfix.py).
+- ``mailx``: ``twistd -n --pidfile= mailx --config FILE`` with a TOML file
+  written here; the command is replaceable (``--mailx-command``).
+- ``sink``: benchmarks/sinkserver.py, a plain Python server that fsyncs each
+  message, to check the harness and as a baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from tests.peers.postfix import PostfixInstance, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MAILX_COMMAND = (
+    f"{REPO}/.venv/bin/twistd -n --pidfile= mailx --config {{config}}"
+)
+# How long a server may take to answer its first connection, and to stop.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+POLL_INTERVAL = 0.05
+
+
+class ServerError(Exception):
+    """A server did not start or stop as it should."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the load goes: a loopback address and port, and one recipient."""
+
+    address: str
+    port: int
+    recipient: str
+
+    @property
+    def local_part(self) -> str:
+        return self.recipient.rpartition("@")[0]
+
+    @property
+    def domain(self) -> str:
+        return self.recipient.rpartition("@")[2]
+
+
+class Server(Protocol):
+    """What the harness needs of a server under test."""
+
+    name: str
+
+    def start(self) -> None:
+        """Start, and return once the server answers with a 220 greeting."""
+
+    def stop(self) -> None:
+        """Stop, and return once none of the server's processes is left."""
+
+    def session(self) -> int:
+        """The session id of the server's processes."""
+
+    def delivered(self) -> list[Path]:
+        """The message files in the recipient's Maildir (new and cur)."""
+
+
+def _maildir_files(maildir: Path) -> list[Path]:
+    found: list[Path] = []
+    for sub in ("new", "cur"):
+        try:
+            found.extend(entry for entry in (maildir / sub).iterdir())
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def greeting_received(address: str, port: int) -> bool:
+    """Does an SMTP server answer on ``address``:``port`` with a 220?"""
+    try:
+        with socket.create_connection((address, port), timeout=2.0) as probe:
+            banner = probe.recv(512)
+            probe.sendall(b"QUIT\r\n")
+    except OSError:
+        return False
+    return banner.startswith(b"220")
+
+
+class PostfixServer:
+    """A private Postfix instance delivering the recipient's domain."""
+
+    name = "postfix"
+
+    def __init__(self, workdir: Path, target: Target) -> None:
+        self.instance = PostfixInstance(
+            workdir,
+            listen_address=target.address,
+            port=target.port,
+            mydomain=target.domain,
+        )
+
+    def start(self) -> None:
+        self.instance.start()
+
+    def stop(self) -> None:
+        self.instance.stop()
+
+    def session(self) -> int:
+        master = self.instance.master_pid()
+        if master is None:
+            raise ServerError("the Postfix master is not running")
+        return master
+
+    def delivered(self) -> list[Path]:
+        return self.instance.messages()
+
+
+class CommandServer:
+    """A server run as one command in a session of its own."""
+
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        target: Target,
+        command: Sequence[str],
+        maildir: Path,
+    ) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.target = target
+        self.command = list(command)
+        self.maildir = maildir
+        self.log_path = workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"{self.name} exited: {self._log_tail()}")
+            if greeting_received(self.target.address, self.target.port):
+                return
+            time.sleep(POLL_INTERVAL)
+        self.stop()
+        raise ServerError(f"{self.name} did not answer: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        group = self.process.pid
+        # The server and its workers form the process group it leads.
+        os.killpg(group, signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(group, signal.SIGKILL)
+            self.process.wait(STOP_TIMEOUT)
+
+    def session(self) -> int:
+        if self.process is None:
+            raise ServerError(f"{self.name} is not running")
+        return self.process.pid
+
+    def delivered(self) -> list[Path]:
+        return _maildir_files(self.maildir)
+
+
+def mailx_config(workdir: Path, target: Target, dns_port: int) -> str:
+    """The TOML configuration of a mailx under benchmark."""
+    return f"""\
+# Written by benchmarks/servers.py for one benchmark run.
+[server]
+hostname = "mx.{target.domain}"
+listen = ["tcp:{target.port}:interface={target.address}"]
+control_socket = "{workdir}/control.sock"
+
+[domains]
+local = ["{target.domain}"]
+
+[mailboxes]
+root = "{workdir}/mail"
+users = ["{target.local_part}"]
+
+[limits]
+# smtp-source opens all its sessions from one address.
+max_connections = 2000
+max_connections_per_client = 2000
+
+[queue]
+directory = "{workdir}/queue"
+
+[dns]
+# Never the system resolver: a loopback port where nothing answers.
+servers = ["127.0.0.1:{dns_port}"]
+timeout = 1
+
+[log]
+mail_log = "{workdir}/mail.log"
+"""
+
+
+def make_mailx(workdir: Path, target: Target, command: str) -> CommandServer:
+    """mailx under twistd, with its configuration written into ``workdir``."""
+    config = workdir / "mailx.toml"
+    config.write_text(mailx_config(workdir, target, free_port("127.0.0.1")))
+    argv = [part.format(config=config) for part in shlex.split(command)]
+    maildir = workdir / "mail" / target.domain.lower() / target.local_part.lower()
+    return CommandServer("mailx", workdir, target, argv, maildir)
+
+
+def make_sink(workdir: Path, target: Target, fsync: bool = True) -> CommandServer:
+    """The plain Python server of benchmarks/sinkserver.py."""
+    maildir = workdir / "Maildir"
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.sinkserver",
+        "--listen",
+        f"{target.address}:{target.port}",
+        "--maildir",
+        str(maildir),
+    ]
+    if not fsync:
+        argv.append("--no-fsync")
+    return CommandServer("sink", workdir, target, argv, maildir)
+
+
+ServerFactory = Callable[[Path, Target], Server]
+
+
+def factories(mailx_command: str = DEFAULT_MAILX_COMMAND) -> dict[str, ServerFactory]:
+    """The servers by the names the command line takes."""
+    return {
+        "postfix": PostfixServer,
+        "mailx": lambda workdir, target: make_mailx(workdir, target, mailx_command),
+        "sink": make_sink,
+    }
