@@ -367,7 +367,8 @@ class ClientSession:
 
     def connection_lost(self) -> SessionOutcome:
         """The connection ended; the outcome so far, final."""
-        if self.phase is Phase.DONE:
+        if self.phase in (Phase.DONE, Phase.QUIT):
+            self.phase = Phase.DONE
             return self.outcome
         if self.phase is Phase.TLS_EHLO and self._tls_mode is TLSMode.MAY:
             # RFC 7435 section 6: a failed opportunistic handshake is retried
@@ -389,8 +390,9 @@ class ClientSession:
 
     def timed_out(self) -> list[Action]:
         """The timeout of the current phase ran out."""
-        if self.phase is Phase.DONE:
-            return []
+        if self.phase in (Phase.DONE, Phase.QUIT):
+            self.phase = Phase.DONE
+            return [Finish(self.outcome)]
         text = f"{replies.NEXT_HOP_TIMEOUT.text} during {self.phase.value}"
         return self._fail(replies.NEXT_HOP_TIMEOUT.with_text(text))
 
@@ -413,12 +415,18 @@ class ClientSession:
         return [Finish(self.outcome)]
 
     def _quit(self) -> list[Action]:
+        # RFC 5321 section 4.1.1.10: send QUIT and wait for its reply before
+        # closing; the outcome is already settled.
+        self.phase = Phase.QUIT
+        return [self._command("QUIT")]
+
+    def _on_quit(self, reply: Reply) -> list[Action]:
         self.phase = Phase.DONE
-        return [self._command("QUIT"), Finish(self.outcome)]
+        return [Finish(self.outcome)]
 
     def _handle(self, reply: Reply) -> list[Action]:
         # RFC 5321 section 3.8: a 421 may come at any time; the host is closing.
-        if reply.code == 421:
+        if reply.code == 421 and self.phase is not Phase.QUIT:
             return self._fail(reply)
         handler = {
             Phase.GREETING: self._on_greeting,
@@ -430,6 +438,7 @@ class ClientSession:
             Phase.ENVELOPE: self._on_envelope,
             Phase.DATA: self._on_data,
             Phase.CONTENT: self._on_content,
+            Phase.QUIT: self._on_quit,
         }.get(self.phase)
         if handler is None:
             return []
@@ -706,7 +715,9 @@ class SMTPClientProtocol(Protocol):
         self._disarm()
         if self._producer is not None:
             self._producer.stopProducing()
-        self._finish(self.session.connection_lost())
+        outcome = self.session.connection_lost()
+        if not self.done.called:
+            self.done.callback(outcome)
 
     def block_written(self, block: bytes) -> None:
         """The producer's hook: one block goes out, the block timer restarts."""
@@ -733,8 +744,8 @@ class SMTPClientProtocol(Protocol):
                     self._producer, False
                 )
             elif isinstance(action, Finish):
+                # ``done`` fires once the connection is closed.
                 self._disarm()
-                self._finish(action.outcome)
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
         if self.session.phase is not Phase.DONE and self._producer is None:
@@ -761,12 +772,5 @@ class SMTPClientProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        actions = self.session.timed_out()
-        for action in actions:
-            if isinstance(action, Finish):
-                self._finish(action.outcome)
+        self.session.timed_out()
         self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def _finish(self, outcome: SessionOutcome) -> None:
-        if not self.done.called:
-            self.done.callback(outcome)

@@ -122,6 +122,11 @@ class _PeerProtocol(Protocol):
                 return
 
     def _step(self) -> bool:
+        if self.mode == "broken-tls":
+            self.buffer = b""
+            self.transport.write(b"this is not TLS\r\n")  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return False
         if self.mode == "data":
             return self._data_step()
         if self.mode == "bdat":
@@ -262,11 +267,10 @@ class _PeerProtocol(Protocol):
         if self.script.inject_after_starttls:
             self.transport.write(self.script.inject_after_starttls)  # type: ignore[union-attr]
         if self.script.break_tls:
-            self.transport.write(b"this is not TLS\r\n" * 8)  # type: ignore[union-attr]
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            # The client's handshake is answered with octets that are not TLS.
+            self.mode = "broken-tls"
             return
-        identity = ssl.PrivateCertificate.loadPEM(self.script.tls_pem)  # type: ignore[no-untyped-call]
-        self.transport.startTLS(identity.options())  # type: ignore[union-attr]
+        self.transport.startTLS(server_tls_options(self.script.tls_pem))  # type: ignore[union-attr]
         self.tls = True
 
 
@@ -307,6 +311,14 @@ class PeerGroup:
         """Stop listening everywhere."""
         ports, self._ports = self._ports, []
         return DeferredList([maybeDeferred(p.stopListening) for p in ports])
+
+
+def server_tls_options(pem: bytes) -> Any:
+    """Server TLS options from a PEM certificate followed by its key."""
+    certificate = x509.load_pem_x509_certificate(pem)
+    key = serialization.load_pem_private_key(pem, password=None)
+    # cryptography objects, as pyOpenSSL deprecates its own X509 type.
+    return ssl.CertificateOptions(privateKey=key, certificate=certificate)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

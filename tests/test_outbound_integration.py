@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 from twisted.internet import reactor
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from mailx.address import Address
 from mailx.client import Timeouts
@@ -97,6 +98,7 @@ class OutboundTestCase(TestCase):
         self.addCleanup(self.peers.stop)
         self.log: list[str] = []
 
+        @implementer(ILogObserver)
         def observe(event: LogEvent) -> None:
             if event.get("log_namespace") == MAIL_NAMESPACE:
                 self.log.append(formatEvent(event))
@@ -150,91 +152,91 @@ class ResolutionTests(OutboundTestCase):
             {h: Script() for h in ("127.0.0.2", "127.0.0.3", "127.0.0.4")}
         )
         results = await self.send(agent, ["b@multi.test"])
-        self.assertEqual(self.codes(results), ["250 2.0.0"])
+        assert self.codes(results) == ["250 2.0.0"]
         got = [self.peers.peer(h).messages for h in ("127.0.0.2", "127.0.0.3")]
-        self.assertEqual(sum(len(m) for m in got), 1)
+        assert sum(len(m) for m in got) == 1
         message = (got[0] or got[1])[0]
-        self.assertEqual(message.content, MESSAGE)
-        self.assertEqual(message.recipients, ["b@multi.test"])
-        self.assertEqual(self.peers.peer("127.0.0.4").connections, 0)
+        assert message.content == MESSAGE
+        assert message.recipients == ["b@multi.test"]
+        assert self.peers.peer("127.0.0.4").connections == 0
 
     async def test_refused_exchanges_fall_back_in_order(self) -> None:
         """When both best exchanges refuse, the worse one gets the message."""
         agent = self.start({"127.0.0.4": Script()})
         results = await self.send(agent, ["b@multi.test"])
-        self.assertEqual(self.codes(results), ["250 2.0.0"])
-        self.assertEqual(results[0].next_hop, "mx-c.multi.test[127.0.0.4]")
-        self.assertEqual(len(self.peers.peer("127.0.0.4").messages), 1)
+        assert self.codes(results) == ["250 2.0.0"]
+        assert results[0].next_hop == "mx-c.multi.test[127.0.0.4]"
+        assert len(self.peers.peer("127.0.0.4").messages) == 1
 
     async def test_cname_target_is_followed(self) -> None:
         """An MX target that is a CNAME is delivered to at its canonical address."""
         agent = self.start({"127.0.0.5": Script()})
         results = await self.send(agent, ["b@cname.test"])
-        self.assertEqual(self.codes(results), ["250 2.0.0"])
-        self.assertEqual(len(self.peers.peer("127.0.0.5").messages), 1)
+        assert self.codes(results) == ["250 2.0.0"]
+        assert len(self.peers.peer("127.0.0.5").messages) == 1
 
     async def test_no_mx_uses_the_domain_address(self) -> None:
         """A domain with no MX but an A record is its own implicit exchange."""
         agent = self.start({"127.0.0.6": Script()})
         results = await self.send(agent, ["b@nomx.test"])
-        self.assertEqual(self.codes(results), ["250 2.0.0"])
-        self.assertEqual(len(self.peers.peer("127.0.0.6").messages), 1)
+        assert self.codes(results) == ["250 2.0.0"]
+        assert len(self.peers.peer("127.0.0.6").messages) == 1
 
     async def test_nxdomain_is_permanent(self) -> None:
         """A domain that does not exist fails with 550 5.1.2 and no connection."""
         agent = self.start({"127.0.0.2": Script()})
         results = await self.send(agent, ["b@missing.test"])
-        self.assertEqual(self.codes(results), ["550 5.1.2"])
-        self.assertEqual(results[0].next_hop, "")
+        assert self.codes(results) == ["550 5.1.2"]
+        assert results[0].next_hop == ""
 
     async def test_servfail_is_temporary_without_fallback(self) -> None:
         """SERVFAIL defers the recipient (4.4.3) and asks for no A record."""
         agent = self.start({})
         results = await self.send(agent, ["b@servfail.test"])
-        self.assertEqual(self.codes(results), ["451 4.4.3"])
-        self.assertEqual(self.dns.queries, [("servfail.test", "MX")])
+        assert self.codes(results) == ["451 4.4.3"]
+        assert self.dns.queries == [("servfail.test", "MX")]
 
     async def test_dns_timeout_is_temporary(self) -> None:
         """A DNS server that never answers defers the recipient (4.4.3)."""
         agent = self.start({})
         results = await self.send(agent, ["b@silent.test"])
-        self.assertEqual(self.codes(results), ["451 4.4.3"])
-        self.assertIn("timed out", results[0].reply.text)
+        assert self.codes(results) == ["451 4.4.3"]
+        assert "timed out" in results[0].reply.text
 
     async def test_null_mx_is_permanent(self) -> None:
         """A null MX fails at once with 556 5.1.10."""
         agent = self.start({})
         results = await self.send(agent, ["b@nullmx.test"])
-        self.assertEqual(self.codes(results), ["556 5.1.10"])
+        assert self.codes(results) == ["556 5.1.10"]
 
     async def test_self_listed_delivers_only_to_better(self) -> None:
         """Listed at 10 with a better host at 5, mailx sends to the better one."""
         agent = self.start({"127.0.0.7": Script(), "127.0.0.8": Script()})
         results = await self.send(agent, ["b@self.test"])
-        self.assertEqual(self.codes(results), ["250 2.0.0"])
-        self.assertEqual(len(self.peers.peer("127.0.0.7").messages), 1)
-        self.assertEqual(self.peers.peer("127.0.0.8").connections, 0)
+        assert self.codes(results) == ["250 2.0.0"]
+        assert len(self.peers.peer("127.0.0.7").messages) == 1
+        assert self.peers.peer("127.0.0.8").connections == 0
 
     async def test_self_listed_never_falls_to_worse(self) -> None:
         """When the better host is down, mailx defers instead of using worse."""
         agent = self.start({"127.0.0.8": Script()})
         results = await self.send(agent, ["b@self.test"])
-        self.assertEqual(self.codes(results), ["451 4.4.1"])
-        self.assertEqual(self.peers.peer("127.0.0.8").connections, 0)
+        assert self.codes(results) == ["451 4.4.1"]
+        assert self.peers.peer("127.0.0.8").connections == 0
 
     async def test_self_as_best_is_a_loop(self) -> None:
         """mailx as best MX (by its address) of a foreign domain fails 5.4.6."""
         agent = self.start({"127.0.0.9": Script()})
         results = await self.send(agent, ["b@selfbest.test"])
-        self.assertEqual(self.codes(results), ["554 5.4.6"])
-        self.assertEqual(self.peers.peer("127.0.0.9").connections, 0)
+        assert self.codes(results) == ["554 5.4.6"]
+        assert self.peers.peer("127.0.0.9").connections == 0
 
     async def test_address_literal(self) -> None:
         """A recipient at an address literal is delivered to that address."""
         agent = self.start({"127.0.0.12": Script()})
         results = await self.send(agent, ["b@[127.0.0.12]"])
-        self.assertEqual(self.codes(results), ["250 2.0.0"])
-        self.assertEqual(len(self.peers.peer("127.0.0.12").messages), 1)
+        assert self.codes(results) == ["250 2.0.0"]
+        assert len(self.peers.peer("127.0.0.12").messages) == 1
 
     async def test_refused_host_is_tried_last_next_time(self) -> None:
         """A host that refused is tried after the others on the next message."""
@@ -242,7 +244,294 @@ class ResolutionTests(OutboundTestCase):
         await self.send(agent, ["b@multi.test"])
         await self.send(agent, ["b@multi.test"])
         await self.send(agent, ["b@multi.test"])
-        self.assertEqual(len(self.peers.peer("127.0.0.3").messages), 3)
-        self.assertEqual(self.peers.peer("127.0.0.4").connections, 0)
+        assert len(self.peers.peer("127.0.0.3").messages) == 3
+        assert self.peers.peer("127.0.0.4").connections == 0
         attempts = [line for line in self.log if "127.0.0.2" in line]
-        self.assertLessEqual(len(attempts), 1)
+        assert len(attempts) <= 1
+
+
+class SessionTests(OutboundTestCase):
+    async def test_greeting_421_moves_to_next_exchange(self) -> None:
+        """A 421 greeting sends the message on to the next exchange."""
+        busy = Script(greeting="421 4.3.2 busy")
+        agent = self.start(
+            {"127.0.0.2": busy, "127.0.0.3": busy, "127.0.0.4": Script()}
+        )
+        results = await self.send(agent, ["b@multi.test"])
+        assert self.codes(results) == ["250 2.0.0"]
+        assert len(self.peers.peer("127.0.0.4").messages) == 1
+
+    async def test_all_exchanges_421_is_temporary(self) -> None:
+        """When every exchange answers 421, the recipient is deferred with it."""
+        busy = Script(greeting="421 4.3.2 busy")
+        agent = self.start({h: busy for h in ("127.0.0.2", "127.0.0.3", "127.0.0.4")})
+        results = await self.send(agent, ["b@multi.test"])
+        assert self.codes(results) == ["421 4.3.2"]
+
+    async def test_per_recipient_replies(self) -> None:
+        """Each RCPT reply is kept; the final reply goes to the accepted ones."""
+        script = Script(
+            recipient_replies={
+                "no@nomx.test": "550 5.1.1 no such user",
+                "later@nomx.test": "452 4.2.2 mailbox full",
+            }
+        )
+        agent = self.start({"127.0.0.6": script})
+        results = await self.send(
+            agent, ["yes@nomx.test", "no@nomx.test", "later@nomx.test", "y2@nomx.test"]
+        )
+        assert self.codes(results) == [
+            "250 2.0.0",
+            "550 5.1.1",
+            "452 4.2.2",
+            "250 2.0.0",
+        ]
+        message = self.peers.peer("127.0.0.6").messages[0]
+        assert message.recipients == ["yes@nomx.test", "y2@nomx.test"]
+
+    async def test_no_data_without_accepted_recipient(self) -> None:
+        """When every RCPT is refused, DATA is never sent."""
+        agent = self.start({"127.0.0.6": Script(replies={"RCPT": "550 5.1.1 no"})})
+        results = await self.send(agent, ["a@nomx.test", "b@nomx.test"])
+        assert self.codes(results) == ["550 5.1.1", "550 5.1.1"]
+        verbs = [c.split(" ")[0] for c in self.peers.peer("127.0.0.6").commands]
+        assert "DATA" not in verbs
+        assert verbs[-1] == "QUIT"
+
+    async def test_mail_refused_everywhere_is_permanent(self) -> None:
+        """A 5xx to MAIL at every exchange fails the recipient permanently."""
+        refuse = Script(replies={"MAIL": "550 5.7.1 sender refused"})
+        agent = self.start({h: refuse for h in ("127.0.0.2", "127.0.0.3", "127.0.0.4")})
+        results = await self.send(agent, ["b@multi.test"])
+        assert self.codes(results) == ["550 5.7.1"]
+        assert self.peers.peer("127.0.0.4").connections == 1
+
+    async def test_mail_refused_at_one_host_is_not_final(self) -> None:
+        """A 5xx to MAIL at one exchange with a 4xx at another defers."""
+        agent = self.start(
+            {
+                "127.0.0.2": Script(replies={"MAIL": "550 5.7.1 refused"}),
+                "127.0.0.3": Script(replies={"MAIL": "550 5.7.1 refused"}),
+                "127.0.0.4": Script(replies={"MAIL": "451 4.3.0 try later"}),
+            }
+        )
+        results = await self.send(agent, ["b@multi.test"])
+        assert self.codes(results) == ["451 4.3.0"]
+
+    async def test_final_reply_5xx_is_permanent(self) -> None:
+        """A 5xx to the end of data fails the accepted recipients permanently."""
+        agent = self.start({"127.0.0.6": Script(replies={".": "554 5.7.1 spam"})})
+        results = await self.send(agent, ["b@nomx.test"])
+        assert self.codes(results) == ["554 5.7.1"]
+
+    async def test_drop_mid_data_moves_on(self) -> None:
+        """A connection dropped during the content moves to the next exchange."""
+        drop = Script(drop_at="DATA-BODY")
+        agent = self.start(
+            {"127.0.0.2": drop, "127.0.0.3": drop, "127.0.0.4": Script()}
+        )
+        results = await self.send(agent, ["b@multi.test"])
+        assert self.codes(results) == ["250 2.0.0"]
+        assert len(self.peers.peer("127.0.0.4").messages) == 1
+
+    async def test_stalled_peer_times_out(self) -> None:
+        """A peer that stops answering RCPT times out and is left for the next."""
+        stall = Script(stall_at="RCPT")
+        agent = self.start(
+            {"127.0.0.2": stall, "127.0.0.3": stall, "127.0.0.4": Script()}
+        )
+        results = await self.send(agent, ["b@multi.test"])
+        assert self.codes(results) == ["250 2.0.0"]
+
+    async def test_silent_greeting_times_out(self) -> None:
+        """A peer that never greets defers the recipient with a timeout."""
+        agent = self.start({"127.0.0.6": Script(greeting=None)})
+        results = await self.send(agent, ["b@nomx.test"])
+        assert self.codes(results) == ["451 4.4.2"]
+        assert "greeting" in results[0].reply.text
+
+    async def test_helo_fallback(self) -> None:
+        """A peer that does not know EHLO is greeted with HELO."""
+        agent = self.start({"127.0.0.6": Script(replies={"EHLO": "500 5.5.1 what"})})
+        results = await self.send(agent, ["b@nomx.test"])
+        assert self.codes(results) == ["250 2.0.0"]
+        assert f"HELO {ME}" in self.peers.peer("127.0.0.6").commands
+
+    async def test_dot_stuffing_is_exact(self) -> None:
+        """Lines starting with a dot, first line and block edges, arrive intact."""
+        filler = b"x" * (64 * 1024 - 8) + b"\r\n"
+        content = b".\r\n" + b"Subject: x\r\n\r\n" + filler + b".edge\r\n..two\r\n."
+        agent = self.start({"127.0.0.6": Script()})
+        results = await self.send(agent, ["b@nomx.test"], content)
+        assert self.codes(results) == ["250 2.0.0"]
+        message = self.peers.peer("127.0.0.6").messages[0]
+        assert message.wire.startswith(b"..\r\nSubject")
+        assert b"\r\n..edge\r\n...two\r\n..\r\n" in message.wire
+        assert message.content == content + b"\r\n"
+
+    async def test_size_limit_is_respected(self) -> None:
+        """A message larger than the peer's SIZE is not sent: 552 5.3.4."""
+        small = Script(extensions=("SIZE 20",))
+        agent = self.start({"127.0.0.6": small})
+        results = await self.send(agent, ["b@nomx.test"])
+        assert self.codes(results) == ["552 5.3.4"]
+        verbs = [c.split(" ")[0] for c in self.peers.peer("127.0.0.6").commands]
+        assert "MAIL" not in verbs
+
+    async def test_eight_bit_is_converted_for_a_seven_bit_peer(self) -> None:
+        """An 8-bit text body reaches a peer without 8BITMIME quoted-printable."""
+        content = b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n"
+        agent = self.start({"127.0.0.6": Script(extensions=())})
+        results = await self.send(agent, ["b@nomx.test"], content, Body.EIGHT_BIT)
+        assert self.codes(results) == ["250 2.0.0"]
+        got = self.peers.peer("127.0.0.6").messages[0].content
+        assert b"Content-Transfer-Encoding: quoted-printable\r\n" in got
+        assert b"caf=C3=A9\r\n" in got
+        assert b"BODY=" not in self.peers.peer("127.0.0.6").commands[1].encode()
+
+    async def test_eight_bit_multipart_is_refused_for_a_seven_bit_peer(self) -> None:
+        """An 8-bit multipart message fails 5.6.3 at a peer without 8BITMIME."""
+        content = (
+            b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+            b"--b\r\n\r\n\xff\r\n--b--\r\n"
+        )
+        agent = self.start({"127.0.0.6": Script(extensions=())})
+        results = await self.send(agent, ["b@nomx.test"], content, Body.EIGHT_BIT)
+        assert self.codes(results) == ["554 5.6.3"]
+
+    async def test_eight_bit_peer_gets_body_parameter(self) -> None:
+        """An 8-bit message goes as is with BODY=8BITMIME when offered."""
+        content = b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n"
+        agent = self.start({"127.0.0.6": Script()})
+        results = await self.send(agent, ["b@nomx.test"], content, Body.EIGHT_BIT)
+        assert self.codes(results) == ["250 2.0.0"]
+        peer = self.peers.peer("127.0.0.6")
+        assert peer.messages[0].content == content
+        assert "BODY=8BITMIME" in next(c for c in peer.commands if c.startswith("MAIL"))
+
+    async def test_utf8_address_needs_smtputf8(self) -> None:
+        """A UTF-8 recipient fails 5.6.7 at a peer without SMTPUTF8."""
+        agent = self.start({"127.0.0.6": Script()})
+        results = await self.send(agent, ["jos\u00e9@nomx.test"], smtputf8=True)
+        assert self.codes(results) == ["553 5.6.7"]
+
+    async def test_utf8_address_with_smtputf8_peer(self) -> None:
+        """A UTF-8 recipient is sent with the SMTPUTF8 parameter when offered."""
+        script = Script(extensions=("8BITMIME", "SMTPUTF8"))
+        agent = self.start({"127.0.0.6": script})
+        results = await self.send(agent, ["jos\u00e9@nomx.test"], smtputf8=True)
+        assert self.codes(results) == ["250 2.0.0"]
+        mail = [
+            c for c in self.peers.peer("127.0.0.6").commands if c.startswith("MAIL")
+        ]
+        assert mail[0].endswith(" SMTPUTF8")
+
+    async def test_chunking_uses_bdat(self) -> None:
+        """A peer offering CHUNKING gets the message by BDAT, not stuffed."""
+        content = b"Subject: x\r\n\r\n.dot\r\n"
+        agent = self.start({"127.0.0.6": Script(extensions=("CHUNKING", "PIPELINING"))})
+        results = await self.send(agent, ["b@nomx.test"], content)
+        assert self.codes(results) == ["250 2.0.0"]
+        peer = self.peers.peer("127.0.0.6")
+        assert f"BDAT {len(content)} LAST" in peer.commands
+        assert peer.messages[0].content == content
+
+    async def test_binarymime_needs_the_extension(self) -> None:
+        """A BINARYMIME message fails 5.6.3 at a peer without BINARYMIME."""
+        agent = self.start({"127.0.0.6": Script(extensions=("CHUNKING",))})
+        results = await self.send(agent, ["b@nomx.test"], body=Body.BINARY)
+        assert self.codes(results) == ["554 5.6.3"]
+
+    async def test_mail_log_line_per_attempt(self) -> None:
+        """Each attempt logs next hop, address, TLS and the reply."""
+        agent = self.start({"127.0.0.6": Script(greeting="421 4.3.2 busy")})
+        await self.send(agent, ["b@nomx.test"])
+        assert self.log == (
+            [
+                "TESTID: to=<b@nomx.test> relay=nomx.test[127.0.0.6]:"
+                f"{self.peers.port} tls=no status=deferred (421 4.3.2 busy)"
+            ]
+        )
+
+
+class TLSTests(OutboundTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.identity = make_tls_identity("mx.tls.test")
+
+    async def test_starttls_is_used_when_offered(self) -> None:
+        """A peer offering STARTTLS gets the message over TLS."""
+        agent = self.start({"127.0.0.10": Script(tls_pem=self.identity.server_pem)})
+        results = await self.send(agent, ["b@tls.test"])
+        assert self.codes(results) == ["250 2.0.0"]
+        message = self.peers.peer("127.0.0.10").messages[0]
+        assert message.tls
+        assert "tls=yes" in self.log[0]
+
+    async def test_failed_handshake_retries_in_clear(self) -> None:
+        """A broken opportunistic handshake is retried in clear on that host."""
+        script = Script(tls_pem=self.identity.server_pem, break_tls=True)
+        agent = self.start({"127.0.0.10": script})
+        results = await self.send(agent, ["b@tls.test"])
+        assert self.codes(results) == ["250 2.0.0"]
+        peer = self.peers.peer("127.0.0.10")
+        assert peer.connections == 2
+        assert not peer.messages[0].tls
+
+    async def test_octets_after_starttls_reply_drop_the_session(self) -> None:
+        """Octets injected after the STARTTLS reply are never read as replies."""
+        script = Script(
+            tls_pem=self.identity.server_pem,
+            inject_after_starttls=b"250 fake\r\n",
+        )
+        agent = self.start({"127.0.0.10": script})
+        results = await self.send(agent, ["b@tls.test"])
+        assert self.codes(results) == ["451 4.7.0"]
+        assert self.peers.peer("127.0.0.10").messages == []
+
+    async def test_verify_policy_with_trusted_certificate(self) -> None:
+        """Under a verify policy a trusted certificate for the name delivers."""
+        agent = self.start(
+            {"127.0.0.10": Script(tls_pem=self.identity.server_pem)},
+            tls_policy={"tls.test": "verify"},
+            tls_trust_root=self.identity.trust_root(),
+        )
+        results = await self.send(agent, ["b@tls.test"])
+        assert self.codes(results) == ["250 2.0.0"]
+        assert self.peers.peer("127.0.0.10").messages[0].tls
+
+    async def test_verify_policy_with_untrusted_certificate(self) -> None:
+        """Under a verify policy an untrusted certificate defers (4.7.5)."""
+        other = make_tls_identity("mx.tls.test")
+        agent = self.start(
+            {"127.0.0.10": Script(tls_pem=self.identity.server_pem)},
+            tls_policy={"tls.test": "verify"},
+            tls_trust_root=other.trust_root(),
+        )
+        results = await self.send(agent, ["b@tls.test"])
+        assert self.codes(results) == ["451 4.7.5"]
+        assert self.peers.peer("127.0.0.10").messages == []
+
+    async def test_verify_policy_without_starttls(self) -> None:
+        """Under a verify policy a peer without STARTTLS gets nothing."""
+        agent = self.start({"127.0.0.10": Script()}, tls_policy={"tls.test": "verify"})
+        results = await self.send(agent, ["b@tls.test"])
+        assert self.codes(results) == ["451 4.7.5"]
+
+    async def test_smarthost_with_auth(self) -> None:
+        """A smarthost replaces MX lookup and gets AUTH PLAIN over TLS."""
+        identity = make_tls_identity("smart.test")
+        script = Script(tls_pem=identity.server_pem, extensions=("AUTH PLAIN",))
+        agent = self.start(
+            {"127.0.0.11": script},
+            smarthost=("smart.test", 0),
+            smarthost_user="user",
+            smarthost_password="secret",
+        )
+        agent._smarthost = ("smart.test", self.peers.port)
+        results = await self.send(agent, ["b@anywhere.example"])
+        assert self.codes(results) == ["250 2.0.0"]
+        peer = self.peers.peer("127.0.0.11")
+        assert "AUTH PLAIN AHVzZXIAc2VjcmV0" in peer.commands
+        assert peer.messages[0].tls
+        assert "secret" not in " ".join(self.log)
