@@ -314,8 +314,8 @@ def new_queue_id(now: float) -> str:
 
 
 def _parse_copy_address(value: str | Address | None) -> Address | None:
-    if value is None or isinstance(value, Address):
-        return value
+    if not value or isinstance(value, Address):
+        return value or None
     return parse_mailbox(value, utf8=True)
 
 
@@ -359,6 +359,8 @@ class Spool(Service):
 
         self.schedule = Schedule()
         self._in_flight: set[str] = set()
+        # Messages flushed while an attempt was under way: tried again after.
+        self._flushed_in_flight: set[str] = set()
         self._locks: dict[str, DeferredLock] = {}
         self._timer: IDelayedCall | None = None
         self._to_commit: list[tuple[str, Deferred[None]]] = []
@@ -553,6 +555,12 @@ class Spool(Service):
                     "attempt for {message_id} failed", result, message_id=message_id
                 )
                 self._retry_later(message_id)
+            if message_id in self._flushed_in_flight:
+                self._flushed_in_flight.discard(message_id)
+                if message_id in self.schedule and not self.schedule.is_held(
+                    message_id
+                ):
+                    self.schedule.put(message_id, self._now())
             self._run_due()
 
         self._locked(message_id, attempt).addBoth(done)
@@ -870,11 +878,14 @@ class Spool(Service):
             for each in self.schedule.ids():
                 if not self.schedule.is_held(each):
                     self.schedule.put(each, now)
+            self._flushed_in_flight |= self._in_flight
         else:
             self._known(message_id)
             if self.schedule.is_held(message_id):
                 raise MessageHeld(message_id)
             self.schedule.put(message_id, now)
+            if message_id in self._in_flight:
+                self._flushed_in_flight.add(message_id)
         self._run_due()
 
     def hold(self, message_id: str) -> Deferred[None]:

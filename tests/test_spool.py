@@ -23,7 +23,14 @@ from mailx.address import Address
 from mailx.envelope import ClientInfo, Envelope, Recipient, Route
 from mailx.queue import MessageKind, QueuedMessage, RecipientState
 from mailx.replies import Reply, ReplyError
-from mailx.spool import RecipientResult, Spool, SpoolStore, synchronous_io
+from mailx.spool import (
+    MessageHeld,
+    RecipientResult,
+    Spool,
+    SpoolStore,
+    UnknownMessage,
+    synchronous_io,
+)
 
 _T = TypeVar("_T")
 
@@ -804,3 +811,35 @@ def test_delete_waits_for_an_attempt_under_way(
     assert deleted == [None]
     assert queued_ids(tmp_path) == []
     assert message_id not in spool.schedule
+
+
+def test_flush_during_an_attempt_tries_again_after_it(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent
+) -> None:
+    """A flush while the message is in delivery gives one more attempt after it."""
+    agent.hang = True
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    message_id = result_of(spool.enqueue(envelope("bob"), CONTENT))
+    spool.flush(message_id)
+    assert len(agent.calls) == 1
+
+    [address] = agent.calls[0].recipients
+    agent.pending[0].callback([RecipientResult(address, DEFERRED)])
+    assert len(agent.calls) == 2
+
+
+def test_flush_of_unknown_or_held_message_is_refused(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent
+) -> None:
+    """Flushing an id not queued, or a held message, raises for the operator."""
+    agent.script = {"bob": [DEFERRED]}
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    message_id = result_of(spool.enqueue(envelope("bob"), CONTENT))
+    result_of(spool.hold(message_id))
+
+    with pytest.raises(UnknownMessage):
+        spool.flush("NOSUCH")
+    with pytest.raises(MessageHeld):
+        spool.flush(message_id)

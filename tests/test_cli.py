@@ -1,0 +1,270 @@
+"""Tests for ``mailx queue``: on files alone, and against a running spool."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from mailx.address import Address
+from mailx.cli import EX_DATAERR, EX_OK, main
+from mailx.envelope import ClientInfo, Envelope, Recipient, Route
+from mailx.replies import Reply
+from mailx.spool import RecipientResult, Spool, SpoolStore, synchronous_io
+
+CONTENT = (
+    b"From: alice@example.org\r\n"
+    b"Subject: queued for a while\r\n"
+    b"\r\n"
+    b"The body is not shown.\r\n"
+)
+DEFERRED = Reply(450, "4.2.0", "Mailbox busy")
+
+
+class RecordingAgent:
+    """Answers 450 to everything and tells the test when it was called."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Address]] = []
+        self.called: Deferred[None] = Deferred()
+
+    def deliver(
+        self,
+        reverse_path: Address | None,
+        domain: str,
+        recipients: list[Address],
+        content: bytes,
+        envelope: Envelope,
+    ) -> Deferred[list[RecipientResult]]:
+        self.calls.append(recipients)
+        called, self.called = self.called, Deferred()
+        called.callback(None)
+        return succeed(
+            [RecipientResult(r, DEFERRED, "mx.example.com") for r in recipients]
+        )
+
+
+def envelope(*local_parts: str) -> Envelope:
+    return Envelope(
+        reverse_path=Address("alice", "example.org"),
+        recipients=[
+            Recipient(Address(local, "example.com"), Route.RELAY)
+            for local in local_parts
+        ],
+        client=ClientInfo("192.0.2.1", 2525, helo="client.example.org"),
+    )
+
+
+def write_config(directory: Path) -> str:
+    config = directory / "mailx.toml"
+    config.write_text(
+        f'[queue]\ndirectory = "{directory / "queue"}"\n'
+        f'[server]\ncontrol_socket = "{directory / "control.sock"}"\n'
+    )
+    return str(config)
+
+
+def queue_message(directory: Path, *local_parts: str) -> str:
+    """Put a message into the spool at ``directory`` without delivering it."""
+    spool = Spool(
+        str(directory / "queue"),
+        Clock(),
+        RecordingAgent(),
+        "mx.example.net",
+        run_io=synchronous_io,
+    )
+    queued: list[str] = []
+    spool.enqueue(envelope(*local_parts), CONTENT).addCallback(queued.append)
+    return queued[0]
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    status = main(list(argv), out)
+    return status, out.getvalue()
+
+
+# Without a running server: the files alone.
+
+
+def test_list_shows_messages_like_mailq(tmp_path: Path) -> None:
+    """``queue list`` shows id, size, sender and each recipient's state."""
+    config = write_config(tmp_path)
+    message_id = queue_message(tmp_path, "bob", "carol")
+
+    status, output = run("queue", "list", "--config", config)
+
+    assert status == EX_OK
+    assert message_id in output
+    assert str(len(CONTENT)) in output
+    assert "<alice@example.org>" in output
+    assert "bob@example.com pending" in output
+    assert "carol@example.com pending" in output
+    assert output.rstrip().endswith("-- 1 Kbytes in 1 request.")
+
+
+def test_list_of_an_empty_queue(tmp_path: Path) -> None:
+    """``queue list`` on an empty spool says the queue is empty."""
+    config = write_config(tmp_path)
+    SpoolStore(str(tmp_path / "queue")).prepare()
+    assert run("--config", config, "queue", "list") == (
+        EX_OK,
+        "Mail queue is empty\n",
+    )
+
+
+def test_show_prints_envelope_and_headers_only(tmp_path: Path) -> None:
+    """``queue show`` prints the envelope and the headers, not the body."""
+    config = write_config(tmp_path)
+    message_id = queue_message(tmp_path, "bob")
+
+    status, output = run("queue", "show", message_id, "--config", config)
+
+    assert status == EX_OK
+    assert f"Queue ID: {message_id}" in output
+    assert "Recipient: <bob@example.com> pending" in output
+    assert "Client: 192.0.2.1 helo=client.example.org" in output
+    assert "Subject: queued for a while" in output
+    assert "The body is not shown." not in output
+
+
+def test_unknown_id_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A queue id that is not queued gives an error and a failing status."""
+    config = write_config(tmp_path)
+    SpoolStore(str(tmp_path / "queue")).prepare()
+
+    status, _ = run("queue", "show", "NOSUCH1", "--config", config)
+
+    assert status == EX_DATAERR
+    assert "no such message NOSUCH1" in capsys.readouterr().err
+
+
+def test_malformed_id_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An id that could name a file outside the spool is refused."""
+    config = write_config(tmp_path)
+    status, _ = run("queue", "delete", "../etc", "--config", config)
+    assert status != EX_OK
+    assert "malformed queue id" in capsys.readouterr().err
+
+
+def test_delete_without_server_removes_files(tmp_path: Path) -> None:
+    """With no server, ``queue delete`` removes the message's files."""
+    config = write_config(tmp_path)
+    message_id = queue_message(tmp_path, "bob")
+
+    assert run("queue", "delete", message_id, "--config", config)[0] == EX_OK
+    assert os.listdir(tmp_path / "queue" / "envelope") == []
+    assert os.listdir(tmp_path / "queue" / "content") == []
+
+
+def test_hold_and_release_without_server(tmp_path: Path) -> None:
+    """With no server, hold and release change the envelope on disk."""
+    config = write_config(tmp_path)
+    message_id = queue_message(tmp_path, "bob")
+    store = SpoolStore(str(tmp_path / "queue"))
+
+    assert run("queue", "hold", message_id, "--config", config)[0] == EX_OK
+    assert store.load(message_id).hold
+    assert f"{message_id}!" in run("queue", "list", "--config", config)[1]
+
+    assert run("queue", "release", message_id, "--config", config)[0] == EX_OK
+    assert not store.load(message_id).hold
+
+
+def test_flush_without_server_makes_messages_due(tmp_path: Path) -> None:
+    """With no server, ``queue flush`` marks messages due for the next start."""
+    config = write_config(tmp_path)
+    message_id = queue_message(tmp_path, "bob")
+    store = SpoolStore(str(tmp_path / "queue"))
+    message = store.load(message_id)
+    message.next_attempt = 10**10
+    store.rewrite(message)
+
+    status, output = run("queue", "flush", "--config", config)
+
+    assert status == EX_OK
+    assert "server not running" in output
+    assert store.load(message_id).next_attempt == 0.0
+
+
+# Against a running spool, through its control socket.
+
+
+@pytest.mark.integration
+class ControlChannelTests(unittest.TestCase):
+    """``mailx queue`` steering a running spool over a loopback UNIX socket."""
+
+    def setUp(self) -> None:
+        # A short path: UNIX socket paths are limited to about 100 octets.
+        self.directory = Path(tempfile.mkdtemp(prefix="mailx-cli-"))
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.config = write_config(self.directory)
+        self.agent = RecordingAgent()
+        self.spool = Spool(
+            str(self.directory / "queue"),
+            reactor,
+            self.agent,
+            "mx.example.net",
+            control_socket=str(self.directory / "control.sock"),
+        )
+        self.spool.startService()
+        self.addCleanup(self.spool.stopService)
+
+    async def _queue_and_wait(self) -> str:
+        called = self.agent.called
+        message_id = await self.spool.enqueue(envelope("bob"), CONTENT)
+        await called
+        return message_id
+
+    async def _cli(self, *argv: str) -> tuple[int, str]:
+        return await threads.deferToThread(run, *argv, "--config", self.config)
+
+    async def _flush(self) -> None:
+        message_id = await self._queue_and_wait()
+        called = self.agent.called
+        assert await self._cli("queue", "flush", message_id) == (EX_OK, "")
+        await called
+        assert len(self.agent.calls) == 2
+
+    def test_flush_reaches_the_server_at_once(self) -> Deferred[None]:
+        """``queue flush ID`` makes the running server try the message now."""
+        return Deferred.fromCoroutine(self._flush())
+
+    async def _hold(self) -> None:
+        message_id = await self._queue_and_wait()
+        assert await self._cli("queue", "hold", message_id) == (EX_OK, "")
+        assert self.spool.schedule.is_held(message_id)
+        assert self.spool.store.load(message_id).hold
+        status, _ = await self._cli("queue", "flush", message_id)
+        assert status == EX_DATAERR
+
+        assert await self._cli("queue", "release", message_id) == (EX_OK, "")
+        assert not self.spool.schedule.is_held(message_id)
+
+    def test_hold_and_release_go_through_the_server(self) -> Deferred[None]:
+        """Hold and release while the server runs change its schedule and disk."""
+        return Deferred.fromCoroutine(self._hold())
+
+    async def _delete(self) -> None:
+        message_id = await self._queue_and_wait()
+        assert await self._cli("queue", "delete", message_id) == (EX_OK, "")
+        assert message_id not in self.spool.schedule
+        assert self.spool.store.ids() == []
+        status, _ = await self._cli("queue", "delete", message_id)
+        assert status == EX_DATAERR
+
+    def test_delete_goes_through_the_server(self) -> Deferred[None]:
+        """``queue delete`` on a running server removes the message from it."""
+        return Deferred.fromCoroutine(self._delete())
