@@ -1,0 +1,150 @@
+"""
+The real server through twistd on loopback, with Python's smtplib and swaks
+as clients, checking the Maildir files on disk.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import ssl
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tests.mailxproc import MailxProcess, basic_config, free_port
+from tests.peers import run_swaks, swaks_available
+from tests.smtppeer import make_tls_identity
+
+pytestmark = pytest.mark.integration
+
+CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data"
+
+
+def stored_body(stored: bytes) -> bytes:
+    """A stored message without the trace headers mailx put before it."""
+    lines = stored.split(b"\n")
+    assert lines[0].startswith(b"Return-Path: ")
+    assert lines[1].startswith(b"Delivered-To: ")
+    assert lines[2].startswith(b"Received: from ")
+    index = 3
+    while lines[index].startswith(b"\t"):
+        index += 1
+    return b"\n".join(lines[index:])
+
+
+def test_smtplib_message_lands_in_the_maildir(mailx_server: MailxProcess) -> None:
+    """A message sent with smtplib is in alice's Maildir/new with trace headers."""
+    with smtplib.SMTP(mailx_server.address, mailx_server.port, timeout=30) as client:
+        client.sendmail(
+            "sender@example.net",
+            ["alice@example.org"],
+            b"Subject: test\r\n\r\nHello alice\r\n.leading dot\r\n",
+        )
+    (stored,) = mailx_server.messages("example.org", "alice")
+    assert stored.startswith(
+        b"Return-Path: <sender@example.net>\nDelivered-To: alice@example.org\n"
+        b"Received: from "
+    )
+    assert stored_body(stored) == b"Subject: test\n\nHello alice\n.leading dot\n"
+    assert list((mailx_server.maildir("example.org", "alice") / "tmp").iterdir()) == []
+    assert "accepted from=<sender@example.net> nrcpt=1" in mailx_server.log()
+
+
+def test_unknown_user_and_relay_are_refused(mailx_server: MailxProcess) -> None:
+    """RCPT to an unknown local user gets 550 5.1.1; another domain 554 5.7.1."""
+    with smtplib.SMTP(mailx_server.address, mailx_server.port, timeout=30) as client:
+        client.ehlo("client.example")
+        client.mail("sender@example.net")
+        code, text = client.rcpt("nobody@example.org")
+        assert (code, text[:5]) == (550, b"5.1.1")
+        code, _ = client.rcpt("postmaster@example.org")
+        assert code == 250
+
+
+def test_email_corpus_arrives_intact(mailx_server: MailxProcess) -> None:
+    """Every message of Python's email test corpus is stored with its content."""
+    corpus = sorted(CORPUS.glob("msg_*.txt"))
+    if not corpus:
+        pytest.skip(f"the email test corpus is not installed at {CORPUS}")
+    with smtplib.SMTP(mailx_server.address, mailx_server.port, timeout=30) as client:
+        for path in corpus:
+            # On the wire every line ends with CRLF (RFC 5321 section 2.3.8).
+            wire = re.sub(rb"\r?\n", b"\r\n", path.read_bytes())
+            client.sendmail("sender@example.net", ["bob@example.org"], wire)
+    stored = mailx_server.messages("example.org", "bob")
+    assert len(stored) == len(corpus)
+    stored_bodies = {stored_body(message) for message in stored}
+    for path in corpus:
+        # The README's stored form: LF line endings, ending with a newline.
+        expected = path.read_bytes().replace(b"\r\n", b"\n")
+        if not expected.endswith(b"\n"):
+            expected += b"\n"
+        assert expected in stored_bodies, path.name
+
+
+def _tls_server(tmp_path: Path) -> tuple[MailxProcess, bytes]:
+    identity = make_tls_identity("mx.example.org")
+    workdir = tmp_path / "mx"
+    workdir.mkdir()
+    (workdir / "server.pem").write_bytes(identity.server_pem)
+    port = free_port()
+    extra = '[tls]\ncertificate = "server.pem"\nkey = "server.pem"\n'
+    server = MailxProcess(workdir, basic_config(port, extra=extra), port=port)
+    return server, identity.ca_pem
+
+
+def test_starttls_with_smtplib(tmp_path: Path) -> None:
+    """STARTTLS with a generated certificate verifies and then delivers."""
+    server, ca_pem = _tls_server(tmp_path)
+    server.start()
+    try:
+        context = ssl.create_default_context(cadata=ca_pem.decode())
+        context.check_hostname = False
+        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+            client.ehlo("client.example")
+            assert client.has_extn("starttls")
+            client.starttls(context=context)
+            client.ehlo("client.example")
+            assert not client.has_extn("starttls")
+            client.sendmail(
+                "s@example.net", ["alice@example.org"], b"Subject: t\r\n\r\nx\r\n"
+            )
+    finally:
+        server.stop()
+    (stored,) = server.messages("example.org", "alice")
+    assert b"with ESMTPS id" in stored
+
+
+@pytest.mark.skipif(not swaks_available(), reason="swaks is not installed")
+def test_swaks_with_starttls(tmp_path: Path) -> None:
+    """swaks delivers over STARTTLS and the message is on disk."""
+    server, _ = _tls_server(tmp_path)
+    server.start()
+    try:
+        result = run_swaks(
+            server=server.address,
+            port=server.port,
+            mail_from="s@example.net",
+            rcpt_to=["bob@example.org"],
+            body="hello from swaks",
+            tls=True,
+        )
+    finally:
+        server.stop()
+    assert result.succeeded, result
+    (stored,) = server.messages("example.org", "bob")
+    assert b"hello from swaks" in stored
+
+
+def test_bad_configuration_stops_the_start(tmp_path: Path) -> None:
+    """An unknown key stops twistd with a message naming it; nothing listens."""
+    port = free_port()
+    server = MailxProcess(
+        tmp_path / "mx",
+        basic_config(port, extra="[limits]\nmax_sizes = 3\n"),
+        port=port,
+    )
+    with pytest.raises(RuntimeError, match=r"limits\.max_sizes"):
+        server.start()
