@@ -329,6 +329,13 @@ class MXResolver:
             return self._lookup(target, rtype, depth + 1)
 
         records = _unique(records)
+        if not records:
+            # RFC 2308 section 5: a NODATA answer is cached for the SOA minimum.
+            ttls = [
+                min(rr.ttl, rr.payload.minimum)
+                for rr in result[1]
+                if rr.type == dns.SOA
+            ]
         answer = _Answer(records, min(ttls) if ttls else 0)
         if answer.ttl > 0:
             expires = self._clock.seconds() + answer.ttl
