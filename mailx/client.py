@@ -32,7 +32,7 @@ import base64
 import binascii
 import enum
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -247,6 +247,8 @@ def dot_stuffed_blocks(content: bytes, size: int = BLOCK_SIZE) -> Iterator[bytes
 
 
 def _split_message(content: bytes) -> tuple[bytes, bytes]:
+    if content.startswith(b"\r\n"):
+        return b"", content[2:]
     end = content.find(b"\r\n\r\n")
     if end < 0:
         return content, b""
@@ -659,7 +661,9 @@ def _parse_extensions(reply: Reply) -> dict[str, str]:
 class Scheduler(TypingProtocol):
     """The part of IReactorTime the adapter uses."""
 
-    def callLater(self, delay: float, f: Any, *args: Any) -> IDelayedCall: ...
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
+    ) -> IDelayedCall: ...
 
 
 class _ContentProducer:

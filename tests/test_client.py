@@ -1,0 +1,427 @@
+"""Unit tests of the outbound ESMTP client: the state machine and its adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mailx import replies
+from mailx.address import Address
+from mailx.client import (
+    ClientSession,
+    DotStuffer,
+    Finish,
+    Phase,
+    ReplyParser,
+    Send,
+    SessionOutcome,
+    SMTPClientProtocol,
+    StartTLS,
+    StreamContent,
+    Timeouts,
+    TLSMode,
+    Transaction,
+    dot_stuffed_blocks,
+    to_quoted_printable,
+)
+from mailx.envelope import Body
+from mailx.replies import Reply
+from tests.smtppeer import unstuff
+
+CONTENT = b"Subject: t\r\n\r\nbody\r\n"
+EHLO_PIPELINING = b"250-peer hello\r\n250-PIPELINING\r\n250 SIZE 1000\r\n"
+
+
+def transaction(*recipients: str, content: bytes = CONTENT) -> Transaction:
+    rcpts = [Address(r.split("@")[0], r.split("@")[1]) for r in recipients]
+    return Transaction(Address("s", "src.test"), rcpts, content)
+
+
+def sent(actions: list[Any]) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, Send))
+
+
+def outcome_of(actions: list[Any]) -> SessionOutcome:
+    (finish,) = [a for a in actions if isinstance(a, Finish)]
+    return finish.outcome
+
+
+def streamed(actions: list[Any]) -> bytes:
+    (stream,) = [a for a in actions if isinstance(a, StreamContent)]
+    return b"".join(stream.blocks)
+
+
+def to_envelope(session: ClientSession, ehlo: bytes = EHLO_PIPELINING) -> list[Any]:
+    assert sent(session.data_received(b"220 peer ready\r\n")) == b"EHLO me.test\r\n"
+    return session.data_received(ehlo)
+
+
+class TestReplyParser:
+    def test_multiline_with_enhanced_codes(self) -> None:
+        """A multi-line reply is one Reply, enhanced code split from the text."""
+        parser = ReplyParser()
+        got = list(parser.feed(b"550-5.1.1 no such\r\n550 5.1.1 user here\r\n"))
+        assert got == [Reply(550, "5.1.1", "no such\nuser here")]
+
+    def test_reply_split_across_reads(self) -> None:
+        """A reply arriving in pieces is parsed once complete."""
+        parser = ReplyParser()
+        assert list(parser.feed(b"25")) == []
+        assert list(parser.feed(b"0 ok\r\n")) == [Reply(250, "", "ok")]
+
+    def test_bare_code(self) -> None:
+        """A reply of just a code is accepted."""
+        assert list(ReplyParser().feed(b"250\r\n")) == [Reply(250, "", "")]
+
+    def test_garbage_is_an_error(self) -> None:
+        """A line that is not a reply raises ValueError."""
+        with pytest.raises(ValueError):
+            list(ReplyParser().feed(b"hello there\r\n"))
+
+    def test_endless_line_is_an_error(self) -> None:
+        """A line longer than the limit without an end raises ValueError."""
+        with pytest.raises(ValueError):
+            list(ReplyParser().feed(b"250 " + b"x" * 10000))
+
+
+class TestDotStuffing:
+    def test_leading_dot_line(self) -> None:
+        """A message that starts with a line of one dot is stuffed."""
+        wire = b"".join(dot_stuffed_blocks(b".\r\nabc\r\n"))
+        assert wire == b"..\r\nabc\r\n.\r\n"
+
+    def test_bare_line_endings_become_crlf(self) -> None:
+        """Bare CR and LF never reach the wire; each becomes CRLF."""
+        wire = b"".join(dot_stuffed_blocks(b"a\rb\nc\r\n.d"))
+        assert wire == b"a\r\nb\r\nc\r\n..d\r\n.\r\n"
+
+    def test_block_boundary_between_crlf_and_dot(self) -> None:
+        """A dot right after a block edge that follows CRLF is stuffed."""
+        wire = b"".join(dot_stuffed_blocks(b"ab\r\n.x\r\n", size=4))
+        assert wire == b"ab\r\n..x\r\n.\r\n"
+
+    def test_block_boundary_between_cr_and_lf(self) -> None:
+        """A CRLF split by a block edge stays one line ending."""
+        wire = b"".join(dot_stuffed_blocks(b"ab\r\n.x\r\n", size=3))
+        assert wire == b"ab\r\n..x\r\n.\r\n"
+
+    @given(
+        st.lists(st.sampled_from([b".", b"a", b"\r\n", b"..", b"\xff"]), max_size=40),
+        st.integers(min_value=1, max_value=7),
+    )
+    def test_any_blocks_round_trip(self, parts: list[bytes], size: int) -> None:
+        """Whatever the block size, unstuffing the wire gives the content back."""
+        content = b"".join(parts)
+        wire = b"".join(dot_stuffed_blocks(content, size))
+        assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
+        body = wire[: -len(b".\r\n")]
+        assert b"\r\n.\r\n" not in b"\r\n" + body[:-2] + b"\r\n" or not body
+        expected = (
+            content if content.endswith(b"\r\n") or not content else content + b"\r\n"
+        )
+        assert unstuff(body) == expected
+
+    @given(st.binary(max_size=60), st.integers(min_value=1, max_value=9))
+    def test_no_bare_cr_or_lf(self, content: bytes, size: int) -> None:
+        """No CR without LF after it, and no LF without CR before it, is sent."""
+        wire = b"".join(dot_stuffed_blocks(content, size))
+        assert wire.count(b"\r") == wire.count(b"\n") == wire.count(b"\r\n")
+
+    def test_finish_closes_an_open_line(self) -> None:
+        """Content that does not end in CRLF gets one before the final dot."""
+        stuffer = DotStuffer()
+        assert stuffer.encode(b"abc") + stuffer.finish() == b"abc\r\n.\r\n"
+
+
+class TestSession:
+    def test_pipelined_transaction(self) -> None:
+        """With PIPELINING, MAIL and every RCPT go in one write, then DATA."""
+        session = ClientSession("me.test", transaction("a@d.test", "b@d.test"))
+        actions = to_envelope(session)
+        assert sent(actions) == (
+            b"MAIL FROM:<s@src.test> SIZE=20\r\n"
+            b"RCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\n"
+        )
+        actions = session.data_received(
+            b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 unknown\r\n"
+        )
+        assert sent(actions) == b"DATA\r\n"
+        assert streamed(session.data_received(b"354 go\r\n")) == CONTENT + b".\r\n"
+        assert sent(session.data_received(b"250 2.0.0 queued as X\r\n")) == b"QUIT\r\n"
+        outcome = outcome_of(session.data_received(b"221 bye\r\n"))
+        assert outcome.replies == {
+            0: Reply(250, "2.0.0", "queued as X"),
+            1: Reply(550, "5.1.1", "unknown"),
+        }
+        assert outcome.failure is None
+
+    def test_one_command_at_a_time_without_pipelining(self) -> None:
+        """Without PIPELINING each RCPT waits for the reply before it."""
+        session = ClientSession("me.test", transaction("a@d.test", "b@d.test"))
+        actions = to_envelope(session, b"250 peer\r\n")
+        assert sent(actions) == b"MAIL FROM:<s@src.test>\r\n"
+        assert sent(session.data_received(b"250 ok\r\n")) == b"RCPT TO:<a@d.test>\r\n"
+        assert sent(session.data_received(b"250 ok\r\n")) == b"RCPT TO:<b@d.test>\r\n"
+        assert sent(session.data_received(b"250 ok\r\n")) == b"DATA\r\n"
+
+    def test_no_data_when_no_recipient_accepted(self) -> None:
+        """When every RCPT is refused the session quits without DATA."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        to_envelope(session)
+        actions = session.data_received(b"250 ok\r\n550 5.1.1 no\r\n")
+        assert sent(actions) == b"QUIT\r\n"
+        outcome = outcome_of(session.data_received(b"221 bye\r\n"))
+        assert outcome.replies == {0: Reply(550, "5.1.1", "no")}
+
+    def test_mail_refused_is_host_level(self) -> None:
+        """A refused MAIL is the host-level failure, RCPT replies ignored."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        to_envelope(session)
+        actions = session.data_received(b"550 5.7.1 go away\r\n503 5.5.1 no MAIL\r\n")
+        assert sent(actions) == b"QUIT\r\n"
+        outcome = outcome_of(session.data_received(b"221 bye\r\n"))
+        assert outcome.replies == {}
+        assert outcome.failure == Reply(550, "5.7.1", "go away")
+
+    @pytest.mark.parametrize("step", ["greeting", "ehlo", "envelope", "data"])
+    def test_421_at_any_step_ends_the_session(self, step: str) -> None:
+        """A 421 at any point ends the session with that reply as failure."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        if step != "greeting":
+            session.data_received(b"220 hi\r\n")
+        if step in ("envelope", "data"):
+            session.data_received(EHLO_PIPELINING)
+        if step == "data":
+            session.data_received(b"250 ok\r\n250 ok\r\n")
+        actions = session.data_received(b"421 4.3.2 closing\r\n")
+        assert sent(actions) == b""
+        assert outcome_of(actions).failure == Reply(421, "4.3.2", "closing")
+
+    def test_helo_after_ehlo_refused(self) -> None:
+        """An EHLO refused with 5xx is followed by HELO."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        session.data_received(b"220 hi\r\n")
+        assert sent(session.data_received(b"502 what\r\n")) == b"HELO me.test\r\n"
+        assert sent(session.data_received(b"250 ok\r\n")).startswith(b"MAIL FROM:")
+
+    def test_starttls_then_ehlo_again(self) -> None:
+        """STARTTLS is sent when offered, and EHLO again once TLS started."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        session.data_received(b"220 hi\r\n")
+        actions = session.data_received(b"250-peer\r\n250 STARTTLS\r\n")
+        assert sent(actions) == b"STARTTLS\r\n"
+        assert StartTLS() in session.data_received(b"220 2.0.0 go\r\n")
+        assert sent(session.tls_started()) == b"EHLO me.test\r\n"
+        assert session.outcome.tls
+
+    def test_octets_after_starttls_reply(self) -> None:
+        """Octets after the STARTTLS reply end the session; TLS never starts."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        session.data_received(b"220 hi\r\n")
+        session.data_received(b"250-peer\r\n250 STARTTLS\r\n")
+        actions = session.data_received(b"220 go\r\n250-PIPELINING\r\n")
+        assert StartTLS() not in actions
+        assert outcome_of(actions).failure == replies.TLS_INJECTION
+
+    def test_handshake_failure_asks_for_plain_retry(self) -> None:
+        """A connection lost during the opportunistic handshake asks a retry."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        session.data_received(b"220 hi\r\n")
+        session.data_received(b"250-peer\r\n250 STARTTLS\r\n")
+        session.data_received(b"220 go\r\n")
+        session.tls_started()
+        outcome = session.connection_lost()
+        assert outcome.retry_plain
+        assert not outcome.tls
+
+    def test_verify_without_starttls(self) -> None:
+        """Under the verify policy a peer without STARTTLS gets no MAIL."""
+        session = ClientSession("me.test", transaction("a@d.test"), TLSMode.VERIFY)
+        session.data_received(b"220 hi\r\n")
+        actions = session.data_received(b"250 peer\r\n")
+        assert sent(actions) == b""
+        assert outcome_of(actions).failure is not None
+        assert outcome_of(actions).failure.enhanced == "4.7.5"  # type: ignore[union-attr]
+
+    def test_auth_only_over_tls(self) -> None:
+        """Credentials are never sent on a connection without TLS."""
+        session = ClientSession(
+            "me.test", transaction("a@d.test"), TLSMode.NONE, ("u", "p")
+        )
+        session.data_received(b"220 hi\r\n")
+        actions = session.data_received(b"250-peer\r\n250 AUTH PLAIN\r\n")
+        assert b"AUTH" not in sent(actions)
+        assert outcome_of(actions).failure is not None
+
+    def test_size_too_big(self) -> None:
+        """A message over the peer's SIZE is failed 5.3.4 before MAIL."""
+        session = ClientSession("me.test", transaction("a@d.test", content=b"x" * 2000))
+        actions = to_envelope(session)
+        assert sent(actions) == b"QUIT\r\n"
+        assert session.outcome.failure is not None
+        assert session.outcome.failure.enhanced == "5.3.4"
+
+    def test_bdat_when_chunking(self) -> None:
+        """With CHUNKING the content goes in one BDAT LAST chunk, unstuffed."""
+        content = b"Subject: t\r\n\r\n.x\r\n"
+        session = ClientSession("me.test", transaction("a@d.test", content=content))
+        to_envelope(session, b"250-peer\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+        actions = session.data_received(b"250 ok\r\n250 ok\r\n")
+        assert streamed(actions) == b"BDAT %d LAST\r\n" % len(content) + content
+
+    def test_binary_needs_binarymime(self) -> None:
+        """BODY=BINARYMIME is only sent to a peer with BINARYMIME and CHUNKING."""
+        tx = transaction("a@d.test")
+        tx.body = Body.BINARY
+        session = ClientSession("me.test", tx)
+        to_envelope(session, b"250-peer\r\n250-BINARYMIME\r\n250 CHUNKING\r\n")
+        assert session.phase is Phase.ENVELOPE
+        assert session.data_received(b"250 ok\r\n") == [Send(b"RCPT TO:<a@d.test>\r\n")]
+
+    def test_garbage_reply_is_a_protocol_error(self) -> None:
+        """A peer that sends no SMTP reply ends the session temporarily."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        outcome = outcome_of(session.data_received(b"HTTP/1.1 400 Bad\r\n"))
+        assert outcome.failure is not None
+        assert outcome.failure.code == 451
+
+
+class TestQuotedPrintable:
+    def test_single_part_is_converted(self) -> None:
+        """A single-part 8-bit body becomes quoted-printable with its header."""
+        got = to_quoted_printable(b"Subject: x\r\n\r\ncaf\xc3\xa9 = ok\r\n")
+        assert got == (
+            b"Subject: x\r\nMIME-Version: 1.0\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+            b"caf=C3=A9 =3D ok\r\n"
+        )
+
+    def test_long_lines_get_soft_breaks_with_crlf(self) -> None:
+        """Soft line breaks of long lines use CRLF, never a bare LF."""
+        got = to_quoted_printable(b"\r\n" + b"\xe9" * 100 + b"\r\n")
+        assert got is not None
+        assert b"=\r\n" in got
+        assert got.count(b"\n") == got.count(b"\r\n")
+
+    def test_multipart_is_not_converted(self) -> None:
+        """A multipart message is not converted here."""
+        content = b"Content-Type: multipart/mixed; b=x\r\n\r\n\xe9\r\n"
+        assert to_quoted_printable(content) is None
+
+    def test_base64_part_is_not_reencoded(self) -> None:
+        """A body with another transfer encoding is left alone."""
+        content = b"Content-Transfer-Encoding: base64\r\n\r\n\xe9\r\n"
+        assert to_quoted_printable(content) is None
+
+
+class TLSStringTransport(StringTransport):
+    """A StringTransport that records startTLS."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.tls_options: list[Any] = []
+        self.aborted = False
+
+    def startTLS(self, options: Any) -> None:
+        self.tls_options.append(options)
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()  # type: ignore[no-untyped-call]
+
+
+def connect(
+    session: ClientSession, timeouts: Timeouts | None = None
+) -> tuple[SMTPClientProtocol, Any, Clock]:
+    clock = Clock()
+    protocol = SMTPClientProtocol(
+        session, clock, timeouts or Timeouts(), tls_options="opts"
+    )
+    transport = TLSStringTransport()
+    protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
+    return protocol, transport, clock
+
+
+def results(protocol: SMTPClientProtocol) -> list[SessionOutcome]:
+    got: list[SessionOutcome] = []
+    protocol.done.addCallback(got.append)
+    return got
+
+
+class TestProtocol:
+    def test_greeting_timeout(self) -> None:
+        """No greeting within the greeting timeout aborts with 4.4.2."""
+        protocol, transport, clock = connect(ClientSession("me", transaction("a@d")))
+        got = results(protocol)
+        clock.advance(Timeouts().greeting - 1)
+        assert not transport.aborted
+        clock.advance(1)
+        assert transport.aborted
+        protocol.connectionLost()
+        assert got[0].failure is not None
+        assert got[0].failure.enhanced == "4.4.2"
+        assert "greeting" in got[0].failure.text
+
+    def test_data_init_timeout(self) -> None:
+        """No reply to DATA within the DATA initiation timeout aborts."""
+        protocol, transport, clock = connect(ClientSession("me", transaction("a@d")))
+        protocol.dataReceived(b"220 hi\r\n")
+        protocol.dataReceived(EHLO_PIPELINING)
+        protocol.dataReceived(b"250 ok\r\n250 ok\r\n")
+        assert transport.value().endswith(b"DATA\r\n")
+        clock.advance(Timeouts().data_init - 1)
+        assert not transport.aborted
+        clock.advance(1)
+        assert transport.aborted
+
+    def test_content_in_blocks_then_final_timeout(self) -> None:
+        """Content goes out block by block; then the end-of-data timer runs."""
+        content = b"Subject: t\r\n\r\n" + b".x\r\n" * 10
+        session = ClientSession("me", transaction("a@d", content=content), block_size=7)
+        protocol, transport, clock = connect(
+            session, Timeouts(data_block=5, data_end=50)
+        )
+        protocol.dataReceived(b"220 hi\r\n")
+        protocol.dataReceived(EHLO_PIPELINING)
+        protocol.dataReceived(b"250 ok\r\n250 ok\r\n")
+        protocol.dataReceived(b"354 go\r\n")
+        transport.clear()
+        producer = transport.producer
+        assert producer is not None
+        while transport.producer is not None:
+            producer.resumeProducing()
+            clock.advance(4)
+        assert not transport.aborted
+        assert unstuff(transport.value()[: -len(b".\r\n")]) == content
+        clock.advance(45)
+        assert not transport.aborted
+        clock.advance(2)
+        assert transport.aborted
+
+    def test_starttls_uses_the_given_options(self) -> None:
+        """On the STARTTLS reply the adapter starts TLS and greets again."""
+        protocol, transport, _ = connect(ClientSession("me", transaction("a@d")))
+        protocol.dataReceived(b"220 hi\r\n250-peer\r\n250 STARTTLS\r\n")
+        transport.clear()
+        protocol.dataReceived(b"220 go\r\n")
+        assert transport.tls_options == ["opts"]
+        assert transport.value() == b"EHLO me\r\n"
+
+    def test_done_fires_after_quit_reply_and_close(self) -> None:
+        """The outcome is given once QUIT is answered and the connection ends."""
+        protocol, transport, _ = connect(ClientSession("me", transaction("a@d")))
+        got = results(protocol)
+        protocol.dataReceived(b"220 hi\r\n")
+        protocol.dataReceived(EHLO_PIPELINING)
+        protocol.dataReceived(b"250 ok\r\n550 5.1.1 no\r\n")
+        assert transport.value().endswith(b"QUIT\r\n")
+        assert got == []
+        protocol.dataReceived(b"221 bye\r\n")
+        assert transport.disconnecting
+        protocol.connectionLost()
+        assert got[0].replies == {0: Reply(550, "5.1.1", "no")}
