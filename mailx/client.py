@@ -538,7 +538,7 @@ class ClientSession:
     def _check_capabilities(self) -> Reply | None:
         transaction = self._transaction
         extensions = self._extensions
-        header, body = _split_message(self._content)
+        header, _ = _split_message(self._content)
 
         addresses = [*transaction.recipients]
         if transaction.reverse_path is not None:
@@ -546,11 +546,12 @@ class ClientSession:
         self._use_utf8 = "SMTPUTF8" in extensions and (
             transaction.smtputf8 or any(a.is_utf8 for a in addresses)
         )
-        # RFC 6531 section 3.2: a non-ASCII address needs SMTPUTF8 at the peer.
+        # RFC 6531 section 3.2: a non-ASCII address needs SMTPUTF8 at the peer,
+        # and so does a message sent with SMTPUTF8 that has UTF-8 header fields.
         if "SMTPUTF8" not in extensions:
             if any(a.is_utf8 for a in addresses):
                 return replies.NEEDS_SMTPUTF8
-            if has_8bit(header):
+            if transaction.smtputf8 and has_8bit(header):
                 return replies.NEEDS_UTF8_HEADERS
 
         self._body_parameter = ""
@@ -559,7 +560,8 @@ class ClientSession:
             if "BINARYMIME" not in extensions or "CHUNKING" not in extensions:
                 return replies.NEEDS_BINARYMIME
             self._body_parameter = "BINARYMIME"
-        elif transaction.body is Body.EIGHT_BIT or has_8bit(body):
+        elif transaction.body is Body.EIGHT_BIT or has_8bit(self._content):
+            # RFC 6152 section 3: 8-bit octets only to a peer with 8BITMIME.
             if "8BITMIME" in extensions:
                 self._body_parameter = "8BITMIME"
             else:

@@ -107,7 +107,10 @@ class OutboundTestCase(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
 
     def start(self, scripts: dict[str, Script], **options: Any) -> OutboundAgent:
+        """Start the peers, then an agent; a smarthost port 0 is the peers' port."""
         port = self.peers.start(scripts) if scripts else 1
+        if options.get("smarthost") is not None and options["smarthost"][1] == 0:
+            options["smarthost"] = (options["smarthost"][0], port)
         options.setdefault("timeouts", SHORT)
         options.setdefault("rng", random.Random(5))
         return OutboundAgent(
@@ -442,6 +445,20 @@ class SessionTests(OutboundTestCase):
         results = await self.send(agent, ["b@nomx.test"], body=Body.BINARY)
         assert self.codes(results) == ["554 5.6.3"]
 
+    async def test_eight_bit_header_without_8bitmime(self) -> None:
+        """Raw 8-bit header octets fail 5.6.3 at a peer without 8BITMIME."""
+        content = b"Subject: caf\xe9\r\n\r\nbody\r\n"
+        agent = self.start({"127.0.0.6": Script(extensions=())})
+        results = await self.send(agent, ["b@nomx.test"], content)
+        assert self.codes(results) == ["554 5.6.3"]
+
+    async def test_utf8_header_needs_smtputf8(self) -> None:
+        """An SMTPUTF8 message with UTF-8 header fields fails 5.6.9 without it."""
+        content = "Subject: caf\u00e9\r\n\r\nbody\r\n".encode()
+        agent = self.start({"127.0.0.6": Script()})
+        results = await self.send(agent, ["b@nomx.test"], content, smtputf8=True)
+        assert self.codes(results) == ["554 5.6.9"]
+
     async def test_mail_log_line_per_attempt(self) -> None:
         """Each attempt logs next hop, address, TLS and the reply."""
         agent = self.start({"127.0.0.6": Script(greeting="421 4.3.2 busy")})
@@ -528,7 +545,6 @@ class TLSTests(OutboundTestCase):
             smarthost_user="user",
             smarthost_password="secret",
         )
-        agent._smarthost = ("smart.test", self.peers.port)
         results = await self.send(agent, ["b@anywhere.example"])
         assert self.codes(results) == ["250 2.0.0"]
         peer = self.peers.peer("127.0.0.11")
