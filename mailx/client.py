@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import enum
 import re
 from collections.abc import Callable, Iterator
@@ -106,6 +107,21 @@ class Transaction:
     content: bytes
     body: Body = Body.SEVEN_BIT
     smtputf8: bool = False
+    # RFC 3461 parameters, as received: RET and ENVID of MAIL, and NOTIFY and
+    # ORCPT of each recipient (aligned with ``recipients``, or empty).
+    ret: str | None = None
+    envid: str | None = None
+    notify: list[frozenset[str] | None] = field(default_factory=list)
+    orcpt: list[str | None] = field(default_factory=list)
+
+    def subset(self, indices: list[int]) -> Transaction:
+        """The same transaction for the recipients at ``indices`` only."""
+        return dataclasses.replace(
+            self,
+            recipients=[self.recipients[i] for i in indices],
+            notify=[self.notify[i] for i in indices] if self.notify else [],
+            orcpt=[self.orcpt[i] for i in indices] if self.orcpt else [],
+        )
 
 
 @dataclass
@@ -524,7 +540,7 @@ class ClientSession:
         commands = [f"MAIL FROM:<{reverse}>{self._mail_parameters()}"]
         self._awaiting = [(_Step.MAIL, -1)]
         for index, recipient in enumerate(transaction.recipients):
-            commands.append(f"RCPT TO:<{recipient}>")
+            commands.append(f"RCPT TO:<{recipient}>{self._rcpt_parameters(index)}")
             self._awaiting.append((_Step.RCPT, index))
         self.phase = Phase.ENVELOPE
 
@@ -590,6 +606,27 @@ class ClientSession:
             parameters += f" BODY={self._body_parameter}"
         if self._use_utf8:
             parameters += " SMTPUTF8"
+        # RFC 3461 section 4: DSN parameters go on only to a peer with DSN.
+        if "DSN" in self._extensions:
+            if self._transaction.ret:
+                parameters += f" RET={self._transaction.ret}"
+            if self._transaction.envid:
+                parameters += f" ENVID={self._transaction.envid}"
+        return parameters
+
+    def _rcpt_parameters(self, index: int) -> str:
+        transaction = self._transaction
+        if "DSN" not in self._extensions:
+            return ""
+        parameters = ""
+        notify = transaction.notify[index] if transaction.notify else None
+        if notify:
+            # RFC 3461 section 4.1: NEVER alone, or the others in this order.
+            order = ["NEVER", "SUCCESS", "FAILURE", "DELAY"]
+            parameters += " NOTIFY=" + ",".join(w for w in order if w in notify)
+        orcpt = transaction.orcpt[index] if transaction.orcpt else None
+        if orcpt:
+            parameters += f" ORCPT={orcpt}"
         return parameters
 
     def _on_envelope(self, reply: Reply) -> list[Action]:

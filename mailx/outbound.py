@@ -148,9 +148,7 @@ class OutboundAgent:
         size = MAX_RECIPIENTS_PER_TRANSACTION
         for start in range(0, len(recipients), size):
             batch = recipients[start : start + size]
-            transaction = Transaction(
-                reverse_path, batch, content, envelope.body, envelope.smtputf8
-            )
+            transaction = _transaction(reverse_path, batch, content, envelope)
             results.extend(await self._walk(domain, targets, transaction, envelope))
         return results
 
@@ -198,14 +196,7 @@ class OutboundAgent:
         for host, address in targets:
             if not open_indices:
                 break
-            subset = [recipients[i] for i in open_indices]
-            attempt = Transaction(
-                transaction.reverse_path,
-                subset,
-                transaction.content,
-                transaction.body,
-                transaction.smtputf8,
-            )
+            attempt = transaction.subset(open_indices)
             outcome = await self._attempt(domain, host, address, attempt, envelope)
             last_hop = f"{host}[{address}]"
 
@@ -334,6 +325,26 @@ class OutboundAgent:
             status=status,
             reply=str(reply),
         )
+
+
+def _transaction(
+    reverse_path: Address | None,
+    recipients: list[Address],
+    content: bytes,
+    envelope: Envelope,
+) -> Transaction:
+    dsn = {r.address: r for r in envelope.recipients}
+    return Transaction(
+        reverse_path,
+        recipients,
+        content,
+        envelope.body,
+        envelope.smtputf8,
+        envelope.ret,
+        envelope.envid,
+        [dsn[r].notify if r in dsn else None for r in recipients],
+        [dsn[r].orcpt if r in dsn else None for r in recipients],
+    )
 
 
 def _walk_failure(failures: list[Reply]) -> Reply:

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from mailx.address import Address
 from mailx.client import Timeouts
-from mailx.envelope import Body, Envelope
+from mailx.envelope import Body, Envelope, Recipient, Route
 from mailx.maillog import MAIL_NAMESPACE
 from mailx.outbound import OutboundAgent
 from mailx.spool import RecipientResult
@@ -458,6 +458,31 @@ class SessionTests(OutboundTestCase):
         agent = self.start({"127.0.0.6": Script()})
         results = await self.send(agent, ["b@nomx.test"], content, smtputf8=True)
         assert self.codes(results) == ["554 5.6.9"]
+
+    async def test_dsn_parameters_pass_on(self) -> None:
+        """RET, ENVID, NOTIFY and ORCPT go on to a peer that offers DSN."""
+        agent = self.start({"127.0.0.6": Script(extensions=("DSN",))})
+        to = rcpt("b@nomx.test")
+        envelope = Envelope(
+            rcpt("a@src.test"),
+            [
+                Recipient(
+                    to, Route.RELAY, frozenset({"FAILURE", "SUCCESS"}), "rfc822;b@x"
+                )
+            ],
+            ret="HDRS",
+            envid="Q1",
+            message_id="TESTID",
+        )
+        results = await agent.deliver(
+            envelope.reverse_path, "nomx.test", [to], MESSAGE, envelope
+        )
+        assert self.codes(results) == ["250 2.0.0"]
+        commands = self.peers.peer("127.0.0.6").commands
+        assert "MAIL FROM:<a@src.test> RET=HDRS ENVID=Q1" in commands
+        assert (
+            "RCPT TO:<b@nomx.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@x" in commands
+        )
 
     async def test_mail_log_line_per_attempt(self) -> None:
         """Each attempt logs next hop, address, TLS and the reply."""
