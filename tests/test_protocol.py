@@ -6,7 +6,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from zope.interface import implementer
+from zope.interface import alsoProvides
 
 from mailx.protocol import (
     ConnectionLimits,
@@ -18,7 +18,6 @@ from mailx.session import SessionConfig
 from tests.sessionkit import AcceptingPolicy, RecordingSink
 
 
-@implementer(ITLSTransport)
 class FakeTLSTransport(StringTransport):
     """A StringTransport that records startTLS."""
 
@@ -66,6 +65,8 @@ def connect(
     protocol = factory.buildProtocol(peer)
     assert isinstance(protocol, SMTPServerProtocol)
     transport = FakeTLSTransport(peer)
+    # The adapter starts TLS only on a transport that says it can.
+    alsoProvides(transport, ITLSTransport)
     protocol.makeConnection(transport)
     return protocol, transport
 
