@@ -358,7 +358,8 @@ class Spool(Service):
         self._run_io: IORunner = run_io
 
         self.schedule = Schedule()
-        self._in_flight: set[str] = set()
+        # Messages in delivery, each with a Deferred that fires when done.
+        self._in_flight: dict[str, Deferred[None]] = {}
         # Messages flushed while an attempt was under way: tried again after.
         self._flushed_in_flight: set[str] = set()
         self._locks: dict[str, DeferredLock] = {}
@@ -366,6 +367,8 @@ class Spool(Service):
         self._to_commit: list[tuple[str, Deferred[None]]] = []
         self._committing: Deferred[None] | None = None
         self._control_port: IListeningPort | None = None
+        # Writers waiting for recovery to finish; None when none is running.
+        self._recovering: list[Deferred[None]] | None = None
         # Fires with the number of messages found once recovery is done.
         self.recovery: Deferred[int] | None = None
 
@@ -384,9 +387,29 @@ class Spool(Service):
         super().startService()  # type: ignore[no-untyped-call]
         if self._pool is not None:
             self._pool.start()
-        self.recovery = self._run_io(self.store.recover).addCallback(self._recovered)
+        # Recovery removes half-written files: no new message is written
+        # until it is done, or it could remove that message's files.
+        self._recovering = []
+        recovered = self._run_io(self.store.recover).addCallback(self._recovered)
+        self.recovery = recovered.addBoth(self._release_writers)
         if self._control_socket is not None:
             self._listen_control(self._control_socket)
+
+    def _release_writers(self, result: _T) -> _T:
+        waiting, self._recovering = self._recovering or [], None
+        for writer in waiting:
+            if isinstance(result, Failure):
+                writer.errback(result)
+            else:
+                writer.callback(None)
+        return result
+
+    def _after_recovery(self) -> Deferred[None]:
+        if self._recovering is None:
+            return succeed(None)
+        writer: Deferred[None] = Deferred()
+        self._recovering.append(writer)
+        return writer
 
     def _recovered(self, result: tuple[list[Recovered], list[str]]) -> int:
         found, removed = result
@@ -428,6 +451,9 @@ class Spool(Service):
             waits.append(Deferred.fromCoroutine(self._stop_port(port)))
         if self._committing is not None:
             waits.append(self._committing)
+        # Attempts under way finish, so their envelopes are rewritten; the
+        # outbound client's timeouts bound the wait.
+        waits += list(self._in_flight.values())
         done: Deferred[Any] = gatherResults(waits, consumeErrors=True)
         return done.addBoth(self._stop_pool)
 
@@ -457,7 +483,9 @@ class Spool(Service):
 
     def _store_new(self, message: QueuedMessage, content: bytes) -> Deferred[str]:
         message_id = message.message_id
-        written = self._run_io(lambda: self.store.write_temp(message, content))
+        written = self._after_recovery().addCallback(
+            lambda _: self._run_io(lambda: self.store.write_temp(message, content))
+        )
         committed = written.addCallback(lambda _: self._join_commit(message_id))
 
         def accepted(_: None) -> str:
@@ -543,13 +571,15 @@ class Spool(Service):
         return lock.run(work).addBoth(release)
 
     def _start_attempt(self, message_id: str) -> None:
-        self._in_flight.add(message_id)
+        settled: Deferred[None] = Deferred()
+        self._in_flight[message_id] = settled
 
         def attempt() -> Deferred[None]:
             return Deferred.fromCoroutine(self._attempt(message_id))
 
         def done(result: Failure | None) -> None:
-            self._in_flight.discard(message_id)
+            self._in_flight.pop(message_id, None)
+            settled.callback(None)
             if isinstance(result, Failure):
                 log.failure(
                     "attempt for {message_id} failed", result, message_id=message_id
@@ -878,7 +908,7 @@ class Spool(Service):
             for each in self.schedule.ids():
                 if not self.schedule.is_held(each):
                     self.schedule.put(each, now)
-            self._flushed_in_flight |= self._in_flight
+            self._flushed_in_flight |= set(self._in_flight)
         else:
             self._known(message_id)
             if self.schedule.is_held(message_id):

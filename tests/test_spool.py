@@ -843,3 +843,19 @@ def test_flush_of_unknown_or_held_message_is_refused(
         spool.flush("NOSUCH")
     with pytest.raises(MessageHeld):
         spool.flush(message_id)
+
+
+def test_enqueue_waits_for_recovery_to_finish(tmp_path: Path, clock: Clock) -> None:
+    """A message arriving during recovery is written only after it, so
+    recovery cannot take its files for a crash's leftovers."""
+    io = ManualIO()
+    spool = make_spool(tmp_path, clock, ScriptedAgent(clock), run_io=io)
+    spool.startService()
+    fired: list[str] = []
+    spool.enqueue(envelope("bob"), CONTENT).addCallback(fired.append)
+    assert len(io.jobs) == 1  # Only the recovery scan.
+
+    io.run_next()  # Recovery.
+    io.run_next()  # The message's temporary files.
+    io.run_next()  # Its commit.
+    assert queued_ids(tmp_path) == fired
