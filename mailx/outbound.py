@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ from mailx.client import (
     TLSMode,
     Transaction,
 )
+from mailx.config import Config
 from mailx.envelope import Envelope
 from mailx.maillog import maillog
 from mailx.mx import HostHealth, MXResolver, ResolutionError, make_dns_resolver
@@ -325,6 +327,59 @@ class OutboundAgent:
             status=status,
             reply=str(reply),
         )
+
+
+def listening_addresses(config: Config) -> list[str]:
+    """
+    The IP addresses mailx's listeners are bound to, from the ``interface=``
+    of their endpoint strings; a listener on every interface gives none.
+    """
+    addresses: list[str] = []
+    server = config.server
+    for endpoint in (*server.listen, *server.submission, *server.smtps):
+        for raw in re.findall(r"interface=((?:\\.|[^:])*)", endpoint):
+            text = re.sub(r"\\(.)", r"\1", raw)
+            try:
+                address = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if not address.is_unspecified and text not in addresses:
+                addresses.append(text)
+    return addresses
+
+
+def agent_from_config(
+    reactor: Any, config: Config, own_addresses: Sequence[str] | None = None
+) -> OutboundAgent:
+    """An ``OutboundAgent`` set up from the ``delivery`` and ``dns`` sections."""
+    delivery = config.delivery
+    timeouts = Timeouts(
+        connect=delivery.connect_timeout,
+        greeting=delivery.greeting_timeout,
+        command=delivery.mail_timeout,
+        mail=delivery.mail_timeout,
+        rcpt=delivery.rcpt_timeout,
+        data_init=delivery.data_init_timeout,
+        data_block=delivery.data_block_timeout,
+        data_end=delivery.data_end_timeout,
+    )
+    smarthost = delivery.smarthost
+    if own_addresses is None:
+        own_addresses = listening_addresses(config)
+    return OutboundAgent(
+        reactor,
+        config.server.hostname,
+        own_addresses,
+        [(server.host, server.port) for server in config.dns.servers],
+        port=delivery.port,
+        smarthost=(smarthost.host, smarthost.port) if smarthost else None,
+        smarthost_user=delivery.smarthost_user,
+        smarthost_password=delivery.smarthost_password,
+        max_hosts=delivery.max_hosts,
+        timeouts=timeouts,
+        tls_policy=delivery.tls_policy,
+        dns_timeout=config.dns.timeout,
+    )
 
 
 def _transaction(
