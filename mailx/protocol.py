@@ -13,11 +13,13 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IOpenSSLServerConnectionCreator,
+    IPushProducer,
     IReactorTime,
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailx import replies
 from mailx.envelope import ClientInfo, MessageSink, Policy
@@ -59,8 +61,16 @@ class ListenerSettings:
     tls: IOpenSSLServerConnectionCreator | None = None
 
 
+@implementer(IPushProducer)
 class SMTPServerProtocol(Protocol):
-    """Adapts one connection to a ``Session``."""
+    """
+    Adapts one connection to a ``Session``.
+
+    It is also the producer of its replies: when a client pipelines commands
+    and does not read the replies, the transport's buffer fills, Twisted
+    pauses this producer, and it stops reading from the client until the
+    buffer drains.  Memory stays bounded whatever the client does.
+    """
 
     factory: SMTPServerFactory
     session: Session | None = None
@@ -101,6 +111,7 @@ class SMTPServerProtocol(Protocol):
             self.factory.authenticator,
         )
         self._restart_timer()
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.factory.sessions.add(self)
         self.session.connection_made()
 
@@ -136,6 +147,17 @@ class SMTPServerProtocol(Protocol):
         self._timer = None
         if self.session is not None:
             self.session.timed_out()
+
+    # IPushProducer: pause reading while our replies are not being read.
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        pass
 
     # mailx.session.SessionOutput
 

@@ -161,3 +161,14 @@ def test_starttls_starts_tls_after_the_220() -> None:
     assert transport.text() == transport.written_before_tls
     assert protocol.session is not None
     assert protocol.session.client.tls
+
+
+def test_replies_not_read_pause_reading() -> None:
+    """When the transport's buffer is full the adapter stops reading input."""
+    factory, _ = make_factory(Clock())
+    protocol, transport = connect(factory)
+    assert transport.producer is protocol
+    protocol.pauseProducing()
+    assert transport.producerState == "paused"
+    protocol.resumeProducing()
+    assert transport.producerState == "producing"
