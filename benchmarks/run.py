@@ -18,9 +18,15 @@ its own loopback port.  smtp-source (from the Postfix package) opens
 A run counts only if the Maildir holds exactly the messages sent, each once:
 a loss or a duplicate fails the run, and the command exits with status 1.
 
+With ``--scenario relay`` the servers treat the recipient's domain as remote
+and send everything to a next hop (benchmarks/sinkserver.py without fsync on
+another loopback address); delivered/s is then counted in the next hop's
+Maildir, and CPU and memory are still the server's alone.
+
     .venv/bin/python -m benchmarks.run                  # mailx against postfix
     .venv/bin/python -m benchmarks.run --small          # a few hundred messages
     .venv/bin/python -m benchmarks.run --a sink --b postfix
+    .venv/bin/python -m benchmarks.run --scenario relay
 """
 
 from __future__ import annotations
@@ -47,17 +53,23 @@ from benchmarks.servers import (
     ServerFactory,
     Target,
     factories,
+    make_sink,
 )
 from tests.peers.postfix import PostfixError, free_port, make_workdir
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
-# Server A and B each get an address of their own.
+# Server A and B each get an address of their own, the relay next hop another.
 ADDRESSES = {"A": "127.0.0.10", "B": "127.0.0.11"}
+NEXT_HOP = "127.0.0.20"
 # Once every message is in, the harness waits this long and counts again,
 # so that a duplicate delivered late is seen.
 SETTLE_SECONDS = 1.0
 # The step of the loop that waits for deliveries.
 POLL_INTERVAL = 0.02
+SCENARIOS = {
+    "maildir": "delivered into the server's Maildir",
+    "relay": f"relayed to a sink on {NEXT_HOP}, delivered = stored at the sink",
+}
 MESSAGE_ID = re.compile(rb"^Message-Id: (\S+)", re.MULTILINE | re.IGNORECASE)
 
 
@@ -103,6 +115,7 @@ class Report:
 
     machine: dict[str, str]
     load: Load
+    scenario: str = "maildir"
     results: list[Result] = field(default_factory=list)
 
 
@@ -162,23 +175,38 @@ def run_once(
     load: Load,
     target: Target,
     workroot: Path,
-    keep: bool,
+    options: argparse.Namespace,
 ) -> None:
     """Start a server, load it, measure, check, stop it; fill ``result``."""
     workdir = make_workdir(str(workroot), prefix=f"{result.round}{result.side}-")
-    server = factory(workdir, target)
+    started: list[Server] = []
     try:
+        counter: Server | None = None
+        next_hop: Target | None = None
+        if options.scenario == "relay":
+            next_hop = Target(NEXT_HOP, free_port(NEXT_HOP), load.recipient)
+            (workdir / "next-hop").mkdir()
+            counter = make_sink(workdir / "next-hop", next_hop, fsync=False)
+            counter.start()
+            started.append(counter)
+        server = factory(workdir, target, next_hop)
         server.start()
-        _measure(server, result, load, target)
+        started.append(server)
+        _measure(server, counter or server, result, load, target)
     except (ServerError, PostfixError, OSError, subprocess.SubprocessError) as error:
         result.error = f"{type(error).__name__}: {error}"
     finally:
-        server.stop()
-        if not keep:
+        for each in reversed(started):
+            each.stop()
+        if not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _measure(server: Server, result: Result, load: Load, target: Target) -> None:
+def _measure(
+    server: Server, counter: Server, result: Result, load: Load, target: Target
+) -> None:
+    # ``counter`` holds the Maildir where the messages land: the server's own,
+    # or the next hop's when the server relays.
     session = server.session()
     cpu_before = cpu_seconds(session)
     wall_start = time.time()
@@ -194,7 +222,7 @@ def _measure(server: Server, result: Result, load: Load, target: Target) -> None
             check=False,
         )
         accepted = time.monotonic() - start
-        files = wait_for_deliveries(server, load.messages, load.timeout())
+        files = wait_for_deliveries(counter, load.messages, load.timeout())
         cpu_after = cpu_seconds(session)
 
     if source.returncode != 0:
@@ -202,7 +230,7 @@ def _measure(server: Server, result: Result, load: Load, target: Target) -> None
         return
     last_delivery = max((path.stat().st_ctime for path in files), default=wall_start)
     time.sleep(SETTLE_SECONDS)
-    files = server.delivered()
+    files = counter.delivered()
 
     result.delivered_files = len(files)
     result.accepted_per_second = load.messages / accepted
@@ -245,6 +273,7 @@ def format_table(report: Report, names: dict[str, str]) -> str:
         "machine: " + ", ".join(f"{k} {v}" for k, v in report.machine.items()),
         f"load: {load.messages} messages of {load.size} bytes, "
         f"{load.sessions} sessions, a new connection per message, 1 recipient",
+        f"scenario: {SCENARIOS[report.scenario]}",
         "",
         f"{'round':>5} {'server':<8} {'accepted/s':>10} {'delivered/s':>11} "
         f"{'CPU ms/msg':>10} {'RSS MiB':>8} {'PSS MiB':>8}  check",
@@ -301,6 +330,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     choices = sorted(factories())
     parser.add_argument("--a", default="mailx", choices=choices, help="server A")
     parser.add_argument("--b", default="postfix", choices=choices, help="server B")
+    parser.add_argument(
+        "--scenario",
+        default="maildir",
+        choices=["maildir", "relay"],
+        help="deliver into the server's Maildir, or relay to a sink next hop",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--messages", type=int, default=Load.messages)
     parser.add_argument("--sessions", type=int, default=Load.sessions)
@@ -339,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     load = Load(messages=options.messages, sessions=options.sessions, size=options.size)
-    report = Report(machine(), load)
+    report = Report(machine(), load, options.scenario)
     names = {"A": options.a, "B": options.b}
     servers = factories(options.mailx_command)
     workroot = options.workdir or make_workdir(prefix="mailx-bench-")
@@ -351,9 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = Result(round_number, side, names[side], load.messages)
                 address = ADDRESSES[side]
                 target = Target(address, free_port(address), load.recipient)
-                run_once(
-                    servers[names[side]], result, load, target, workroot, options.keep
-                )
+                run_once(servers[names[side]], result, load, target, workroot, options)
                 report.results.append(result)
                 print(_progress(result), file=sys.stderr, flush=True)
     finally:

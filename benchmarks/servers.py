@@ -9,6 +9,10 @@ and memory the harness reads from /proc.
   written here; the command is replaceable (``--mailx-command``).
 - ``sink``: benchmarks/sinkserver.py, a plain Python server that fsyncs each
   message, to check the harness and as a baseline.
+
+For the relay measurement a server is given a next hop: it then treats the
+recipient's domain as remote and sends everything to that next hop, a sink
+that stores without fsync and where the harness counts.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ DEFAULT_MAILX_COMMAND = (
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 POLL_INTERVAL = 0.05
+# In the relay measurement the server's own domain, which the load never uses.
+RELAY_LOCAL_DOMAIN = "local.test"
 
 
 class ServerError(Exception):
@@ -102,12 +108,24 @@ class PostfixServer:
 
     name = "postfix"
 
-    def __init__(self, workdir: Path, target: Target) -> None:
+    def __init__(
+        self, workdir: Path, target: Target, next_hop: Target | None = None
+    ) -> None:
+        if next_hop is None:
+            self.instance = PostfixInstance(
+                workdir,
+                listen_address=target.address,
+                port=target.port,
+                mydomain=target.domain,
+            )
+            return
         self.instance = PostfixInstance(
             workdir,
             listen_address=target.address,
             port=target.port,
-            mydomain=target.domain,
+            mydomain=RELAY_LOCAL_DOMAIN,
+            relayhost=next_hop.address,
+            relay_port=next_hop.port,
         )
 
     def start(self) -> None:
@@ -192,8 +210,18 @@ class CommandServer:
         return _maildir_files(self.maildir)
 
 
-def mailx_config(workdir: Path, target: Target, dns_port: int) -> str:
+def mailx_config(
+    workdir: Path, target: Target, dns_port: int, next_hop: Target | None = None
+) -> str:
     """The TOML configuration of a mailx under benchmark."""
+    local = target.domain if next_hop is None else RELAY_LOCAL_DOMAIN
+    delivery = ""
+    if next_hop is not None:
+        delivery = (
+            "\n[delivery]\n"
+            "# Everything not local goes to the next hop that counts it.\n"
+            f'smarthost = "{next_hop.address}:{next_hop.port}"\n'
+        )
     return f"""\
 # Written by benchmarks/servers.py for one benchmark run.
 [server]
@@ -202,7 +230,7 @@ listen = ["tcp:{target.port}:interface={target.address}"]
 control_socket = "{workdir}/control.sock"
 
 [domains]
-local = ["{target.domain}"]
+local = ["{local}"]
 
 [mailboxes]
 root = "{workdir}/mail"
@@ -223,20 +251,27 @@ timeout = 1
 
 [log]
 mail_log = "{workdir}/mail.log"
-"""
+{delivery}"""
 
 
-def make_mailx(workdir: Path, target: Target, command: str) -> CommandServer:
+def make_mailx(
+    workdir: Path, target: Target, command: str, next_hop: Target | None = None
+) -> CommandServer:
     """mailx under twistd, with its configuration written into ``workdir``."""
     config = workdir / "mailx.toml"
-    config.write_text(mailx_config(workdir, target, free_port("127.0.0.1")))
+    dns_port = free_port("127.0.0.1")
+    config.write_text(mailx_config(workdir, target, dns_port, next_hop))
     argv = [part.format(config=config) for part in shlex.split(command)]
     maildir = workdir / "mail" / target.domain.lower() / target.local_part.lower()
     return CommandServer("mailx", workdir, target, argv, maildir)
 
 
-def make_sink(workdir: Path, target: Target, fsync: bool = True) -> CommandServer:
+def make_sink(
+    workdir: Path, target: Target, next_hop: Target | None = None, fsync: bool = True
+) -> CommandServer:
     """The plain Python server of benchmarks/sinkserver.py."""
+    if next_hop is not None:
+        raise ServerError("the sink server does not relay")
     maildir = workdir / "Maildir"
     argv = [
         sys.executable,
@@ -252,13 +287,14 @@ def make_sink(workdir: Path, target: Target, fsync: bool = True) -> CommandServe
     return CommandServer("sink", workdir, target, argv, maildir)
 
 
-ServerFactory = Callable[[Path, Target], Server]
+# (work directory, where to listen, next hop to relay to or None) -> server
+ServerFactory = Callable[[Path, Target, Target | None], Server]
 
 
 def factories(mailx_command: str = DEFAULT_MAILX_COMMAND) -> dict[str, ServerFactory]:
     """The servers by the names the command line takes."""
-    return {
-        "postfix": PostfixServer,
-        "mailx": lambda workdir, target: make_mailx(workdir, target, mailx_command),
-        "sink": make_sink,
-    }
+
+    def mailx(workdir: Path, target: Target, next_hop: Target | None) -> Server:
+        return make_mailx(workdir, target, mailx_command, next_hop)
+
+    return {"postfix": PostfixServer, "mailx": mailx, "sink": make_sink}

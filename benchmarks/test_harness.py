@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import procstat, run
+from benchmarks import idle, procstat, run
 from benchmarks.servers import Target, mailx_config
 from mailx.config import load_config
+from tests.peers.postfix import postfix_available, why_unavailable
 
 
 def _maildir_file(directory: Path, name: str, message_id: str) -> Path:
@@ -95,6 +96,19 @@ def test_mailx_config_is_accepted_by_mailx(tmp_path: Path) -> None:
     assert [server.host for server in config.dns.servers] == ["127.0.0.1"]
 
 
+def test_mailx_relay_config_names_the_next_hop(tmp_path: Path) -> None:
+    """For the relay measurement mailx sends everything to the loopback next hop."""
+    target = Target("127.0.0.10", 2600, "bench@bench.test")
+    next_hop = Target("127.0.0.20", 2700, "bench@bench.test")
+    path = tmp_path / "mailx.toml"
+    path.write_text(mailx_config(tmp_path, target, 5353, next_hop))
+
+    config = load_config(str(path))
+
+    assert config.delivery.smarthost == ("127.0.0.20", 2700)
+    assert "bench.test" not in config.domains.local
+
+
 def test_cpu_and_memory_of_this_session_are_read() -> None:
     """The harness reads a positive CPU time and peak memory for a live session."""
     session = os.getsid(0)
@@ -120,3 +134,44 @@ def test_small_run_of_sink_against_sink(capsys: pytest.CaptureFixture[str]) -> N
     rows = re.findall(r"^ +\d+ sink +\d+ +\d+ .*  ok$", out, re.MULTILINE)
     assert len(rows) == 6, out
     assert "sink / sink, per round, then the median:" in out
+
+
+@pytest.mark.integration
+def test_small_relay_run_through_postfix(capsys: pytest.CaptureFixture[str]) -> None:
+    """Postfix relaying to the sink next hop counts every message there once."""
+    if not postfix_available():
+        pytest.skip(why_unavailable())
+
+    argv = ["--scenario", "relay", "--a", "postfix", "--b", "postfix"]
+    status = run.main([*argv, "--messages", "40", "--rounds", "1"])
+
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "scenario: relayed to a sink on 127.0.0.20" in out
+    rows = re.findall(r"^ +1 postfix +\d+ +\d+ .*  ok$", out, re.MULTILINE)
+    assert len(rows) == 2, out
+
+
+def test_sink_refuses_to_relay(capsys: pytest.CaptureFixture[str]) -> None:
+    """Asking the sink server to relay fails its runs instead of measuring."""
+    if not os.path.exists(run.SMTP_SOURCE):
+        pytest.skip("smtp-source comes with postfix: run .ci/install-peers.sh")
+
+    argv = ["--scenario", "relay", "--a", "sink", "--b", "sink"]
+    status = run.main([*argv, "--messages", "5", "--rounds", "1"])
+
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "FAILED: ServerError: the sink server does not relay" in out
+
+
+@pytest.mark.integration
+def test_idle_connections_are_held_and_greeted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The idle measurement holds every connection open and counts greetings."""
+    status = idle.main(["--servers", "sink", "--connections", "30", "--wait", "5"])
+
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert re.search(r"^sink +30 +30 +\d+\.\d +\d+\.\d$", out, re.MULTILINE), out
