@@ -63,6 +63,8 @@ ZONE = Zone(
         "tls.test": [("MX", 10, "mx.tls.test")],
         "mx.tls.test": [("A", "127.0.0.10")],
         "smart.test": [("A", "127.0.0.11")],
+        "two.test": [("MX", 10, "mx.two.test")],
+        "mx.two.test": [("A", "127.0.0.13"), ("A", "127.0.0.14")],
     },
     ttl=60,
 )
@@ -241,6 +243,34 @@ class ResolutionTests(OutboundTestCase):
         assert self.codes(results) == ["250 2.0.0"]
         assert len(self.peers.peer("127.0.0.12").messages) == 1
 
+    async def test_every_address_of_a_host_is_tried(self) -> None:
+        """When one address of an exchange refuses, its other address is tried."""
+        agent = self.start({"127.0.0.14": Script()})
+        results = await self.send(agent, ["b@two.test"])
+        assert self.codes(results) == ["250 2.0.0"]
+        assert results[0].next_hop == "mx.two.test[127.0.0.14]"
+
+    async def test_max_hosts_bounds_the_walk(self) -> None:
+        """No more than max_hosts addresses are tried in one attempt."""
+        agent = self.start({"127.0.0.4": Script()}, max_hosts=2)
+        results = await self.send(agent, ["b@multi.test"])
+        assert self.codes(results) == ["451 4.4.1"]
+        assert self.peers.peer("127.0.0.4").connections == 0
+        assert len(self.log) == 2
+
+    async def test_address_literal_refused_by_policy(self) -> None:
+        """With literals disallowed, a literal recipient fails without a connection."""
+        agent = self.start({"127.0.0.12": Script()}, allow_literals=False)
+        results = await self.send(agent, ["b@[127.0.0.12]"])
+        assert self.codes(results) == ["550 5.1.2"]
+        assert self.peers.peer("127.0.0.12").connections == 0
+
+    async def test_address_literal_of_self_is_a_loop(self) -> None:
+        """A literal naming one of mailx's own addresses fails 5.4.6."""
+        agent = self.start({})
+        results = await self.send(agent, ["b@[127.0.0.1]"])
+        assert self.codes(results) == ["554 5.4.6"]
+
     async def test_refused_host_is_tried_last_next_time(self) -> None:
         """A host that refused is tried after the others on the next message."""
         agent = self.start({"127.0.0.3": Script(), "127.0.0.4": Script()})
@@ -320,6 +350,17 @@ class SessionTests(OutboundTestCase):
         )
         results = await self.send(agent, ["b@multi.test"])
         assert self.codes(results) == ["451 4.3.0"]
+
+    async def test_data_refused_4xx_defers_accepted(self) -> None:
+        """A 4xx to DATA defers the accepted recipients; the refused keep 5xx."""
+        script = Script(
+            replies={"DATA": "451 4.3.0 not now"},
+            recipient_replies={"no@nomx.test": "550 5.1.1 unknown"},
+        )
+        agent = self.start({"127.0.0.6": script})
+        results = await self.send(agent, ["yes@nomx.test", "no@nomx.test"])
+        assert self.codes(results) == ["451 4.3.0", "550 5.1.1"]
+        assert self.peers.peer("127.0.0.6").messages == []
 
     async def test_final_reply_5xx_is_permanent(self) -> None:
         """A 5xx to the end of data fails the accepted recipients permanently."""
