@@ -8,8 +8,6 @@ parsed, so a bad start says one clear thing and starts nothing.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import signal
 from collections.abc import Callable
 from typing import IO, Any, ClassVar, TypeVar, cast
@@ -18,7 +16,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
     ILogObserver,
@@ -30,10 +28,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from mailx import local as local_recipients
-from mailx.client import Timeouts
 from mailx.config import Config, ConfigError, load_config
 from mailx.maillog import MAIL_NAMESPACE, maillog
-from mailx.outbound import OutboundAgent
+from mailx.outbound import agent_from_config
 from mailx.policy import RelayPolicy
 from mailx.protocol import ConnectionLimits, ListenerSettings, SMTPServerFactory
 from mailx.router import LocalFirstAgent, LocalStore, Router
@@ -167,7 +164,7 @@ def build_service(
 
     store = LocalStore(config.mailboxes.root, mailboxes, run_io)
     if outbound is None:
-        outbound = _outbound_agent(config, reactor)
+        outbound = agent_from_config(reactor, config)
     agent = LocalFirstAgent(store, config.domains.local, outbound)
     spool = Spool(
         config.queue.directory,
@@ -238,56 +235,3 @@ def build_service(
         listener._raiseSynchronously = True
         listener.setServiceParent(service)
     return service
-
-
-def _outbound_agent(config: Config, reactor: IReactorCore) -> DeliveryAgent:
-    delivery = config.delivery
-    timeouts = Timeouts(
-        connect=delivery.connect_timeout,
-        greeting=delivery.greeting_timeout,
-        command=delivery.mail_timeout,
-        mail=delivery.mail_timeout,
-        rcpt=delivery.rcpt_timeout,
-        data_init=delivery.data_init_timeout,
-        data_block=delivery.data_block_timeout,
-        data_end=delivery.data_end_timeout,
-    )
-    return OutboundAgent(
-        reactor,
-        config.server.hostname,
-        own_addresses(config),
-        list(config.dns.servers),
-        port=delivery.port,
-        smarthost=delivery.smarthost,
-        smarthost_user=delivery.smarthost_user,
-        smarthost_password=delivery.smarthost_password,
-        max_hosts=delivery.max_hosts,
-        timeouts=timeouts,
-        tls_policy=delivery.tls_policy,
-        dns_timeout=config.dns.timeout,
-    )
-
-
-def own_addresses(config: Config) -> list[str]:
-    """
-    The addresses mailx listens on, named by ``interface=`` in its endpoint
-    strings: an MX record pointing at one of them points at mailx itself
-    (RFC 5321 section 5.1).  A wildcard address says nothing, so it is left
-    out; the host name still identifies mailx then.
-    """
-    addresses = []
-    listeners = (*config.server.listen, *config.server.submission, *config.server.smtps)
-    for endpoint in listeners:
-        # Twisted endpoint strings escape the colons of IPv6 addresses.
-        for argument in re.split(r"(?<!\\):", endpoint)[1:]:
-            key, _, value = argument.partition("=")
-            if key != "interface":
-                continue
-            value = value.replace("\\", "")
-            try:
-                address = ipaddress.ip_address(value)
-            except ValueError:
-                continue
-            if not address.is_unspecified:
-                addresses.append(str(address))
-    return addresses
