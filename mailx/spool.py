@@ -290,7 +290,8 @@ class SpoolStore:
         for name in sorted(contents - envelopes):
             os.unlink(self.content_path(name))
             removed.append(os.path.join("content", name))
-        # An envelope without content cannot be delivered: set it aside.
+        # An envelope without content cannot be delivered: it goes to tmp/,
+        # logged here and removed at the next start.
         for name in sorted(envelopes - contents):
             os.replace(self.envelope_path(name), self._temp(name, "orphan"))
             removed.append(os.path.join("envelope", name))
