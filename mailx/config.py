@@ -104,8 +104,9 @@ class LimitsConfig:
     max_errors: int = 20
     # Postfix's hopcount_limit default (counted Received header fields).
     max_hops: int = 50
+    # Postfix's default_process_limit and smtpd_client_connection_count_limit.
     max_connections: int = 100
-    max_connections_per_client: int = 10
+    max_connections_per_client: int = 50
     max_auth_failures: int = 5
 
 
