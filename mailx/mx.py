@@ -326,7 +326,8 @@ class MXResolver:
         if not records and target is not None:
             if depth >= MAX_CNAME_CHAIN:
                 raise _temporary(f"CNAME chain too long at {name}")
-            return self._lookup(target, rtype, depth + 1)
+            followed = self._lookup(target, rtype, depth + 1)
+            return followed.addCallback(self._store, name, rtype, min(ttls))
 
         records = _unique(records)
         if not records:
@@ -336,7 +337,14 @@ class MXResolver:
                 for rr in result[1]
                 if rr.type == dns.SOA
             ]
-        answer = _Answer(records, min(ttls) if ttls else 0)
+        return self._store(_Answer(records, min(ttls) if ttls else 0), name, rtype)
+
+    def _store(
+        self, answer: _Answer, name: str, rtype: int, ttl_cap: int | None = None
+    ) -> _Answer:
+        """Cache ``answer`` for its TTL (or ``ttl_cap`` if that is shorter)."""
+        if ttl_cap is not None and ttl_cap < answer.ttl:
+            answer = _Answer(answer.records, ttl_cap)
         if answer.ttl > 0:
             expires = self._clock.seconds() + answer.ttl
             self._cache[(name, rtype)] = (expires, answer)

@@ -113,7 +113,11 @@ class Zone:
 
     @classmethod
     def from_text(cls, origin: str, text: str) -> Zone:
-        """A zone from zone-file text (``$ORIGIN``, ``$TTL`` and records)."""
+        """
+        A zone from zone-file text (``$ORIGIN``, ``$TTL`` and records).  Write
+        names inside records (MX and CNAME targets) in full with the final
+        dot: twisted.names' BindAuthority qualifies owner names only.
+        """
         zone = cls(origin, {})
         zone._text = text
         return zone
