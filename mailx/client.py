@@ -421,9 +421,6 @@ class ClientSession:
         self.phase = Phase.TLS_EHLO
         return [self._command(f"EHLO {self._hostname}")]
 
-    def content_sent(self) -> None:
-        """Every block of the content has been handed to the transport."""
-
     def _command(self, line: str) -> Send:
         return Send(line.encode("utf-8") + b"\r\n")
 
@@ -771,7 +768,6 @@ class SMTPClientProtocol(Protocol):
         """The producer's hook: all blocks went out; wait for the final reply."""
         self._producer = None
         self.transport.unregisterProducer()  # type: ignore[union-attr]
-        self.session.content_sent()
         self._arm(self._timeouts.data_end)
 
     def _perform(self, actions: list[Any]) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.names import authority, dns, server
 
 # A record as data: its type name, then its fields, e.g. ("A", "127.0.0.2"),
@@ -199,9 +199,5 @@ class DNSServer:
         """Stop listening."""
         port, self._port = self._port, None
         if port is None:
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         return maybeDeferred(port.stopListening)
-
-
-async def _nothing() -> None:
-    return None

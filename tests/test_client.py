@@ -118,13 +118,13 @@ class TestDotStuffing:
         """Whatever the block size, unstuffing the wire gives the content back."""
         content = b"".join(parts)
         wire = b"".join(dot_stuffed_blocks(content, size))
-        assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
-        body = wire[: -len(b".\r\n")]
-        assert b"\r\n.\r\n" not in b"\r\n" + body[:-2] + b"\r\n" or not body
-        expected = (
-            content if content.endswith(b"\r\n") or not content else content + b"\r\n"
-        )
-        assert unstuff(body) == expected
+        body, end = wire[: -len(b".\r\n")], wire[-len(b".\r\n") :]
+        assert end == b".\r\n"
+        # No line of the body is a lone dot, so the end is where it should be.
+        assert b"." not in body.split(b"\r\n")[:-1]
+        if content and not content.endswith(b"\r\n"):
+            content += b"\r\n"
+        assert unstuff(body) == content
 
     @given(st.binary(max_size=60), st.integers(min_value=1, max_value=9))
     def test_no_bare_cr_or_lf(self, content: bytes, size: int) -> None:
@@ -402,6 +402,23 @@ class TestProtocol:
         assert not transport.aborted
         clock.advance(2)
         assert transport.aborted
+
+    def test_unanswered_quit_keeps_the_outcome(self) -> None:
+        """A QUIT left unanswered times out without changing the results."""
+        protocol, transport, clock = connect(ClientSession("me", transaction("a@d")))
+        got = results(protocol)
+        protocol.dataReceived(b"220 hi\r\n")
+        protocol.dataReceived(EHLO_PIPELINING)
+        protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        transport.producer.resumeProducing()
+        transport.producer.resumeProducing()
+        protocol.dataReceived(b"250 2.0.0 queued\r\n")
+        assert transport.value().endswith(b"QUIT\r\n")
+        clock.advance(Timeouts().command)
+        assert transport.aborted
+        protocol.connectionLost()
+        assert got[0].replies == {0: Reply(250, "2.0.0", "queued")}
+        assert got[0].failure is None
 
     def test_starttls_uses_the_given_options(self) -> None:
         """On the STARTTLS reply the adapter starts TLS and greets again."""
