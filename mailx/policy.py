@@ -3,18 +3,25 @@ Who may send what: the decision for each MAIL and RCPT.
 
 For every forward path the answer is one of four (issue 3's table):
 
-==================  =====================  =====================
-domain of the path  untrusted client       trusted client
-==================  =====================  =====================
-local               LOCAL (or 550 5.1.1)   LOCAL (or 550 5.1.1)
-backup              BACKUP                 BACKUP
-any other           554 5.7.1 refused      RELAY
-==================  =====================  =====================
+=====================  =====================  =====================
+domain of the path     untrusted client       trusted client
+=====================  =====================  =====================
+local, or postmaster   LOCAL (or 550 5.1.1)   LOCAL (or 550 5.1.1)
+backup                 BACKUP                 BACKUP
+any other, or literal  554 5.7.1 refused      RELAY
+=====================  =====================  =====================
 
 A client is trusted when its address is in ``relay.networks`` or it has
 authenticated; nothing else counts (not its EHLO name, its reverse path or a
 reverse DNS name).  Only the part after the last ``@`` of a parsed path names
-the domain; ``%`` and ``!`` in a local part are never routing syntax here.
+the domain, compared without case or a trailing dot; ``%``, ``!``, a quoted
+``@`` and a source route are never routing syntax here, so a path such as
+``user%other.example@local.example`` is a (most likely unknown) local user.
+The decision is per recipient: one message may have some accepted and some
+refused.
+
+An authenticated user listed in ``sender_addresses`` may use only those
+reverse paths (``@domain`` allows the whole domain); others get 553 5.7.1.
 """
 
 from __future__ import annotations
@@ -31,8 +38,6 @@ from mailx.replies import Reply
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
-
 
 class RelayPolicy:
     """The ``mailx.envelope.Policy`` of a mail exchanger."""
@@ -46,8 +51,8 @@ class RelayPolicy:
         sender_addresses: Mapping[str, Iterable[str]] | None = None,
         backup_check: Callable[[Address], Deferred[RecipientDecision]] | None = None,
     ) -> None:
-        self.local_domains = frozenset(domain.lower() for domain in local_domains)
-        self.backup_domains = frozenset(domain.lower() for domain in backup_domains)
+        self.local_domains = _domain_keys(local_domains)
+        self.backup_domains = _domain_keys(backup_domains)
         self.relay_networks = tuple(relay_networks)
         self.local_exists = local_exists
         self.sender_addresses = {
@@ -63,9 +68,16 @@ class RelayPolicy:
             address = ipaddress.ip_address(client.address)
         except ValueError:
             return False
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+        # RFC 4291 section 2.5.5.2: ::ffff:a.b.c.d is the IPv4 client a.b.c.d
+        # on a dual-stack socket; either form in relay.networks matches.
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.relay_networks)
+            candidates.append(address.ipv4_mapped)
+        return any(
+            candidate in network
+            for candidate in candidates
+            for network in self.relay_networks
+        )
 
     def check_sender(
         self, client: ClientInfo, reverse_path: Address | None
@@ -75,7 +87,7 @@ class RelayPolicy:
             return succeed(replies.SENDER_OK)
         # RFC 6409 section 6.1: a submission server may check the sender.
         if not _may_send(reverse_path, self.sender_addresses[user]):
-            return succeed(SENDER_NOT_OWNED)
+            return succeed(replies.SENDER_NOT_OWNED)
         return succeed(replies.SENDER_OK)
 
     def check_recipient(
@@ -87,10 +99,12 @@ class RelayPolicy:
         return succeed(decision)
 
     def _decide(self, client: ClientInfo, forward_path: Address) -> RecipientDecision:
-        domain = forward_path.domain_key
+        # RFC 5321 section 2.4: domain names are compared without case; a
+        # trailing dot (the root) names the same domain.
+        domain = forward_path.domain_key.removesuffix(".")
         # RFC 5321 section 4.5.1: postmaster always exists.
         if forward_path == POSTMASTER or domain in self.local_domains:
-            if not self.local_exists(forward_path):
+            if not self.local_exists(Address(forward_path.local_part, domain)):
                 return RecipientDecision(replies.NO_SUCH_USER)
             return RecipientDecision(replies.RECIPIENT_OK, Route.LOCAL)
         if domain in self.backup_domains:
@@ -98,6 +112,10 @@ class RelayPolicy:
         if self.is_trusted(client):
             return RecipientDecision(replies.RECIPIENT_OK, Route.RELAY)
         return RecipientDecision(replies.RELAY_DENIED)
+
+
+def _domain_keys(domains: Iterable[str]) -> frozenset[str]:
+    return frozenset(domain.lower().removesuffix(".") for domain in domains)
 
 
 def _may_send(reverse_path: Address | None, allowed: frozenset[str]) -> bool:

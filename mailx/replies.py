@@ -174,3 +174,7 @@ SMARTHOST_AUTH_FAILED = Reply(451, "4.7.0", "Authentication to the smarthost fai
 # The spool (mailx/spool.py): a recipient still pending when the queue
 # lifetime runs out (RFC 5321 section 4.5.4.1; RFC 3463 X.4.7).
 DELIVERY_EXPIRED = Reply(554, "5.4.7", "Delivery time expired: queue lifetime exceeded")
+
+# Submission (mailx/policy.py): an authenticated user's reverse path that the
+# users file does not give it (RFC 6409 section 6.1; RFC 3463 X.7.1).
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
