@@ -185,6 +185,7 @@ def build_service(
         config.domains.backup,
         config.relay.networks,
         lambda address: bool(mailboxes.resolve(address)),
+        backup_check=_backup_check(config, reactor),
     )
     # auth wiring (issue 3): the authenticator for AUTH PLAIN and LOGIN.
     authenticator = None
@@ -235,3 +236,10 @@ def build_service(
         listener._raiseSynchronously = True
         listener.setServiceParent(service)
     return service
+
+
+def _backup_check(config: Config, reactor: Any) -> Any:
+    """The recipient check for backup domains that ``[backup]`` asks for."""
+    from mailx.backup import backup_check_from_config
+
+    return backup_check_from_config(config, reactor)
