@@ -53,10 +53,14 @@ from mailx.replies import Reply
 MAX_REPLY_LINE = 8192
 # RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients per transaction.
 MAX_RECIPIENTS_PER_TRANSACTION = 100
+# A multi-line reply (an EHLO reply lists the extensions) longer than this
+# is taken as a broken peer.
+MAX_REPLY_LINES = 256
 # Size of the blocks the content is written in (each one arms the RFC 5321
 # section 4.5.3.2.5 data block timeout).
 BLOCK_SIZE = 64 * 1024
 
+_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
@@ -186,6 +190,8 @@ class ReplyParser:
             if not re.fullmatch(r"[2-5][0-9][0-9]([ -].*)?", line, re.DOTALL):
                 raise ValueError(f"malformed reply line {line[:40]!r}")
             self._lines.append(line)
+            if len(self._lines) > MAX_REPLY_LINES:
+                raise ValueError("reply with too many lines")
             if len(line) == 3 or line[3] == " ":
                 yield self._reply()
 
@@ -214,42 +220,36 @@ class DotStuffer:
 
     def __init__(self) -> None:
         self._at_line_start = True
-        self._after_cr = False
+        # A CR at the end of a block, held until the next shows whether an LF
+        # follows it.
+        self._held = b""
 
     def encode(self, block: bytes) -> bytes:
-        out = bytearray()
-        for byte in block:
-            if self._after_cr:
-                self._after_cr = False
-                out += b"\r\n"
-                self._at_line_start = True
-                if byte == 0x0A:
-                    continue
-            if byte == 0x0D:
-                self._after_cr = True
-                continue
-            if byte == 0x0A:
-                out += b"\r\n"
-                self._at_line_start = True
-                continue
-            if self._at_line_start and byte == 0x2E:
-                out += b"."
-            out.append(byte)
-            self._at_line_start = False
-        return bytes(out)
+        data, self._held = self._held + block, b""
+        if data.endswith(b"\r"):
+            data, self._held = data[:-1], b"\r"
+        if not data:
+            return b""
+        data = _LINE_ENDING.sub(b"\r\n", data)
+        if self._at_line_start and data.startswith(b"."):
+            data = b"." + data
+        data = data.replace(b"\r\n.", b"\r\n..")
+        self._at_line_start = data.endswith(b"\r\n")
+        return data
 
     def finish(self) -> bytes:
         """The end of the content and the end-of-data indication."""
         tail = b""
-        if self._after_cr or not self._at_line_start:
+        if self._held or not self._at_line_start:
             tail = b"\r\n"
-        self._after_cr = False
+        self._held = b""
+        self._at_line_start = True
         return tail + b".\r\n"
 
 
 def normalise_line_endings(content: bytes) -> bytes:
     """Every line ending CRLF; a bare CR or LF becomes CRLF."""
-    return re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+    return _LINE_ENDING.sub(b"\r\n", content)
 
 
 def dot_stuffed_blocks(content: bytes, size: int = BLOCK_SIZE) -> Iterator[bytes]:
@@ -272,7 +272,7 @@ def _split_message(content: bytes) -> tuple[bytes, bytes]:
 
 
 def has_8bit(data: bytes) -> bool:
-    return any(byte >= 0x80 for byte in data)
+    return not data.isascii()
 
 
 def _header_fields(header: bytes) -> list[bytes]:

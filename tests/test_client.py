@@ -83,6 +83,11 @@ class TestReplyParser:
         with pytest.raises(ValueError):
             list(ReplyParser().feed(b"hello there\r\n"))
 
+    def test_endless_reply_is_an_error(self) -> None:
+        """A multi-line reply that never ends raises ValueError."""
+        with pytest.raises(ValueError):
+            list(ReplyParser().feed(b"250-x\r\n" * 1000))
+
     def test_endless_line_is_an_error(self) -> None:
         """A line longer than the limit without an end raises ValueError."""
         with pytest.raises(ValueError):
@@ -131,6 +136,12 @@ class TestDotStuffing:
         """No CR without LF after it, and no LF without CR before it, is sent."""
         wire = b"".join(dot_stuffed_blocks(content, size))
         assert wire.count(b"\r") == wire.count(b"\n") == wire.count(b"\r\n")
+
+    @given(st.binary(max_size=80), st.integers(min_value=1, max_value=9))
+    def test_blocks_do_not_change_the_wire(self, content: bytes, size: int) -> None:
+        """The wire form is the same whatever the block size."""
+        whole = b"".join(dot_stuffed_blocks(content, max(len(content), 1)))
+        assert b"".join(dot_stuffed_blocks(content, size)) == whole
 
     def test_finish_closes_an_open_line(self) -> None:
         """Content that does not end in CRLF gets one before the final dot."""
