@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 
 from mailx import maildir, replies
 from mailx.address import Address
@@ -45,13 +46,63 @@ class Queue(Protocol):
     def enqueue(self, envelope: Envelope, content: bytes) -> Deferred[str]: ...
 
 
+class GroupCommit:
+    """
+    Collects Maildir deliveries and writes them in batches: while one batch
+    is being made durable the next one gathers, so messages that arrive
+    together share one sync (``maildir.deliver_batch``).
+    """
+
+    def __init__(self, run_io: RunIO[list[str | OSError]]) -> None:
+        self.run_io = run_io
+        self._waiting: list[tuple[list[tuple[str, bytes]], Deferred[None]]] = []
+        self._busy = False
+
+    def submit(self, jobs: list[tuple[str, bytes]]) -> Deferred[None]:
+        """Fire once every job is durable, or fail with the first error."""
+        done: Deferred[None] = Deferred()
+        self._waiting.append((jobs, done))
+        self._next_batch()
+        return done
+
+    def _next_batch(self) -> None:
+        if self._busy or not self._waiting:
+            return
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        jobs = [job for submitted, _ in batch for job in submitted]
+        written = self.run_io(lambda: maildir.deliver_batch(jobs))
+
+        def report(results: list[str | OSError]) -> None:
+            start = 0
+            for submitted, done in batch:
+                mine = results[start : start + len(submitted)]
+                start += len(submitted)
+                errors = [r for r in mine if isinstance(r, OSError)]
+                if errors:
+                    done.errback(errors[0])
+                else:
+                    done.callback(None)
+
+        def failed(failure: Failure) -> None:
+            for _, done in batch:
+                done.errback(failure)
+
+        def finished(_: object) -> None:
+            self._busy = False
+            self._next_batch()
+
+        written.addCallbacks(report, failed)
+        written.addBoth(finished)
+
+
 class LocalStore:
     """Writes messages into the Maildirs of local recipients."""
 
-    def __init__(self, root: str, mailboxes: Mailboxes, run_io: RunIO[None]) -> None:
+    def __init__(self, root: str, mailboxes: Mailboxes, commit: GroupCommit) -> None:
         self.root = root
         self.mailboxes = mailboxes
-        self.run_io = run_io
+        self.commit = commit
 
     def deliver(
         self,
@@ -66,13 +117,11 @@ class LocalStore:
             for mailbox in self.mailboxes.resolve(recipient) or []:
                 targets.setdefault(mailbox.maildir(self.root), recipient)
         return_path = "" if reverse_path is None else str(reverse_path)
-
-        def write_all() -> None:
-            for path, recipient in targets.items():
-                stored = maildir.to_stored_form(content, return_path, str(recipient))
-                maildir.deliver(path, stored)
-
-        deferred = self.run_io(write_all)
+        jobs = [
+            (path, maildir.to_stored_form(content, return_path, str(recipient)))
+            for path, recipient in targets.items()
+        ]
+        deferred = self.commit.submit(jobs)
 
         def logged(result: None) -> None:
             for path, recipient in targets.items():

@@ -27,13 +27,14 @@ from twisted.logger import (
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from mailx import auth
 from mailx import local as local_recipients
 from mailx.config import Config, ConfigError, load_config
 from mailx.maillog import MAIL_NAMESPACE, maillog
 from mailx.outbound import agent_from_config
 from mailx.policy import RelayPolicy
 from mailx.protocol import ConnectionLimits, ListenerSettings, SMTPServerFactory
-from mailx.router import LocalFirstAgent, LocalStore, Router
+from mailx.router import GroupCommit, LocalFirstAgent, LocalStore, Router
 from mailx.session import SessionConfig
 from mailx.spool import DeliveryAgent, Spool
 from mailx.tls import ReloadableContext, TLSConfigError
@@ -162,7 +163,7 @@ def build_service(
     def run_io(work: Callable[[], _T]) -> Deferred[_T]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
-    store = LocalStore(config.mailboxes.root, mailboxes, run_io)
+    store = LocalStore(config.mailboxes.root, mailboxes, GroupCommit(run_io))
     if outbound is None:
         outbound = agent_from_config(reactor, config)
     agent = LocalFirstAgent(store, config.domains.local, outbound)
@@ -186,9 +187,14 @@ def build_service(
         config.relay.networks,
         lambda address: bool(mailboxes.resolve(address)),
         backup_check=_backup_check(config, reactor),
+        sender_addresses=(
+            users := auth.load_users(config.auth.users_file)
+        ).sender_addresses,
     )
     # auth wiring (issue 3): the authenticator for AUTH PLAIN and LOGIN.
-    authenticator = None
+    authenticator = auth.build_authenticator(
+        users, reactor, config.limits.max_auth_failures, run_io
+    )
     limits = ConnectionLimits(
         config.limits.max_connections, config.limits.max_connections_per_client
     )
