@@ -54,10 +54,10 @@ MAX_REPLY_LINE = 8192
 # RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients per transaction.
 MAX_RECIPIENTS_PER_TRANSACTION = 100
 # A multi-line reply (an EHLO reply lists the extensions) longer than this
-# is taken as a broken peer.
+# is taken as a broken peer (our choice; RFC 5321 sets no number).
 MAX_REPLY_LINES = 256
 # Size of the blocks the content is written in (each one arms the RFC 5321
-# section 4.5.3.2.5 data block timeout).
+# section 4.5.3.2.5 data block timeout); our choice, a few TCP windows.
 BLOCK_SIZE = 64 * 1024
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")

@@ -43,7 +43,8 @@ log = Logger()
 
 # RFC 1034 section 3.6.2 allows CNAME chains; stop after this many links.
 MAX_CNAME_CHAIN = 8
-# Bound the work per domain: more MX records than this are not looked at.
+# Bound the work per domain: more MX records than this are not looked at
+# (our choice; well above the handful real domains publish).
 MAX_EXCHANGES = 20
 # How long an address is first kept at the back after it failed, the factor
 # its time grows by at each further failure, and the ceiling (our choice).
