@@ -9,7 +9,11 @@ get the new certificate and open ones keep theirs.
 
 from __future__ import annotations
 
-from OpenSSL import SSL, crypto
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
@@ -25,52 +29,63 @@ class TLSConfigError(Exception):
 
 def load_context_factory(certificate: str, key: str) -> ssl.CertificateOptions:
     """Read a PEM chain and key; raise TLSConfigError with a clear reason."""
-    try:
-        with open(certificate, "rb") as file:
-            chain_pem = file.read()
-        with open(key, "rb") as file:
-            key_pem = file.read()
-    except OSError as error:
-        raise TLSConfigError(
-            f"cannot read {error.filename}: {error.strerror}"
-        ) from None
+    chain_pem = _read(certificate)
+    key_pem = _read(key)
 
-    chain = _split_pem_certificates(chain_pem)
-    if not chain:
-        raise TLSConfigError(f"{certificate}: no PEM certificate found")
     try:
-        certificates = [
-            crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in chain
-        ]
-        private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    except crypto.Error as error:
-        raise TLSConfigError(f"cannot parse certificate or key: {error}") from None
+        leaf, *extra = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
+        raise TLSConfigError(f"{certificate}: no PEM certificate found") from None
+    private_key = _private_key(key, key_pem)
+    if _public_der(leaf.public_key()) != _public_der(private_key.public_key()):
+        raise TLSConfigError(f"{key} does not match {certificate}")
 
-    leaf, *extra = certificates
-    context = SSL.Context(SSL.TLS_METHOD)
-    try:
-        context.use_certificate(leaf)
-        context.use_privatekey(private_key)
-        context.check_privatekey()
-    except SSL.Error:
-        raise TLSConfigError(f"{key} does not match {certificate}") from None
-
-    return ssl.CertificateOptions(
-        privateKey=private_key.to_cryptography_key(),  # type: ignore[arg-type]
-        certificate=leaf.to_cryptography(),  # type: ignore[arg-type]
-        extraCertChain=[cert.to_cryptography() for cert in extra],  # type: ignore[misc]
+    options = ssl.CertificateOptions(
+        privateKey=private_key,  # type: ignore[arg-type]
+        certificate=leaf,  # type: ignore[arg-type]
+        extraCertChain=extra,  # type: ignore[arg-type]
+        # RFC 8996 retires TLS 1.0 and 1.1; RFC 9325 section 3.1.1 wants 1.2+.
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
+    try:
+        # Built now, so whatever OpenSSL refuses stops the start, not a client.
+        options.getContext()
+    except SSL.Error as error:
+        raise TLSConfigError(f"{certificate} and {key}: {error}") from None
+    return options
 
 
-def _split_pem_certificates(data: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    pieces = []
-    for piece in data.split(marker)[:-1]:
-        start = piece.find(b"-----BEGIN CERTIFICATE-----")
-        if start >= 0:
-            pieces.append(piece[start:] + marker + b"\n")
-    return pieces
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise TLSConfigError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _private_key(path: str, pem: bytes) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        # cryptography's way of saying the key needs a passphrase.
+        raise TLSConfigError(
+            f"{path}: the private key is encrypted; mailx needs it without a"
+            " passphrase (readable by the mailx user only)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TLSConfigError(f"{path}: no usable PEM private key found") from None
+
+
+def _public_der(public_key: object) -> bytes:
+    encode = getattr(public_key, "public_bytes", None)
+    if encode is None:
+        return b""
+    return bytes(
+        encode(
+            serialization.Encoding.DER,
+            serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+    )
 
 
 @implementer(IOpenSSLContextFactory, IOpenSSLServerConnectionCreator)
@@ -92,4 +107,6 @@ class ReloadableContext:
     def serverConnectionForTLS(
         self, tlsProtocol: TLSMemoryBIOProtocol
     ) -> SSL.Connection:
+        # Each connection takes the options current when it starts, and keeps
+        # them: a reload changes only connections that start afterwards.
         return SSL.Connection(self.getContext(), None)
