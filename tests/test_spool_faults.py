@@ -1,0 +1,362 @@
+"""
+Crash safety of the spool at each of its fault points (issue 4).
+
+A ``Spool`` runs a message's whole life in process (accepted, one attempt
+that delivers one recipient and defers the other, a second attempt, removal)
+with a fault hook on its ``SpoolStore``.  At the chosen point the hook copies
+the spool directory: that copy is what SIGKILL at that point leaves on disk,
+since every file written or renamed before it went through the kernel.  (An
+exception from the hook would not do: the Deferred machinery catches it and
+the spool's own clean-up runs, which a killed process never does.)  A fresh
+``Spool`` then recovers the copy and delivers what is left, and the tests
+check that each message is either gone or whole, that no accepted message
+is lost, and that a recipient is delivered twice only in the window of
+RFC 5321 section 6.1 (delivered, but the envelope not yet rewritten).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from mailx.address import Address
+from mailx.envelope import ClientInfo, Envelope, Recipient, Route
+from mailx.queue import QueuedMessage, RecipientState
+from mailx.replies import Reply
+from mailx.spool import RecipientResult, Spool, SpoolStore, synchronous_io
+
+_T = TypeVar("_T")
+
+# Every point at which SpoolStore calls its fault hook.
+POINTS = ("written", "content-committed", "committed", "rewrite", "rewritten", "remove")
+
+SENDER = Address("alice", "example.org")
+BOB = Address("bob", "example.com")
+CAROL = Address("carol", "example.com")
+DAVE = Address("dave", "example.com")
+CONTENT = b"From: alice@example.org\r\nSubject: crash\r\n\r\nBody line.\r\n"
+MIN_RETRY = 300.0
+MAX_RETRY = 600.0
+LIFETIME = 86400.0
+DELIVERED = Reply(250, "2.0.0", "OK")
+BUSY = Reply(450, "4.2.0", "Mailbox busy")
+NO_SUCH_USER = Reply(550, "5.1.1", "No such user")
+# Bounds the loop that lets a recovered spool work through its queue.
+DRAIN_STEPS = 20
+
+
+@dataclass
+class Agent:
+    """A delivery agent answering from a script; records what it delivered."""
+
+    # Local part -> replies in turn; the last one repeats; 250 if absent.
+    script: dict[str, list[Reply]] = field(default_factory=dict)
+    # (queue id, recipient) for every 250 given, in order.
+    delivered: list[tuple[str, Address]] = field(default_factory=list)
+    # Queue id -> the content of each delivery of it.
+    contents: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def deliver(
+        self,
+        reverse_path: Address | None,
+        domain: str,
+        recipients: list[Address],
+        content: bytes,
+        envelope: Envelope,
+    ) -> Deferred[list[RecipientResult]]:
+        self.contents.setdefault(envelope.message_id, []).append(content)
+        results = []
+        for address in recipients:
+            answers = self.script.get(address.local_part, [DELIVERED])
+            reply = answers.pop(0) if len(answers) > 1 else answers[0]
+            if reply.code == 250:
+                self.delivered.append((envelope.message_id, address))
+            results.append(RecipientResult(address, reply, "mx.example.com"))
+        return succeed(results)
+
+
+@dataclass
+class CrashImage:
+    """The spool directory as a crash at one point leaves it."""
+
+    path: Path
+    # What the agent had delivered before the crash.
+    delivered: list[tuple[str, Address]]
+    # The queue ids whose enqueue had been acknowledged (the 250 sent).
+    acknowledged: list[str]
+
+
+class CrashAt:
+    """A fault hook that takes a ``CrashImage`` each time ``point`` comes."""
+
+    def __init__(self, point: str, spool_dir: Path, images_dir: Path) -> None:
+        self.point = point
+        self.spool_dir = spool_dir
+        self.images_dir = images_dir
+        self.images: list[CrashImage] = []
+        self.seen: list[str] = []
+        self.agent = Agent()
+        # The client's messages, in the order they are committed.
+        self.client_messages: list[str] = []
+
+    def acknowledged(self) -> list[str]:
+        """
+        The client's messages whose commit has returned.  The server sends
+        the 250 in the same reactor turn, before the spool does anything
+        else, so a crash at any later point comes after the 250.
+        """
+        return self.client_messages[: self.seen.count("committed")]
+
+    def __call__(self, point: str) -> None:
+        if point == self.point:
+            image = self.images_dir / f"{point}-{len(self.images)}"
+            shutil.copytree(self.spool_dir, image)
+            self.images.append(
+                CrashImage(image, list(self.agent.delivered), self.acknowledged())
+            )
+        self.seen.append(point)
+
+
+def make_spool(
+    path: Path,
+    clock: Clock,
+    agent: Agent,
+    fault_hook: Callable[[str], None] | None = None,
+) -> Spool:
+    return Spool(
+        str(path),
+        clock,
+        agent,
+        "mx.example.net",
+        min_retry=MIN_RETRY,
+        max_retry=MAX_RETRY,
+        lifetime=LIFETIME,
+        delay_warning=0,
+        run_io=synchronous_io,
+        fault_hook=fault_hook,
+    )
+
+
+def envelope(message_id: str, *recipients: Address) -> Envelope:
+    return Envelope(
+        reverse_path=SENDER,
+        recipients=[Recipient(address, Route.RELAY) for address in recipients],
+        client=ClientInfo("192.0.2.1", 2525, helo="client.example.org"),
+        message_id=message_id,
+    )
+
+
+def result_of(deferred: Deferred[_T]) -> _T:
+    """The result of a Deferred that has already fired."""
+    results: list[_T] = []
+    failures: list[object] = []
+    deferred.addCallbacks(results.append, failures.append)
+    assert not failures, failures
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def relay_scenario(spool: Spool, clock: Clock, hook: CrashAt) -> None:
+    """M1 to bob and carol: bob at once, carol deferred once, then removed."""
+    hook.agent.script = {"carol": [BUSY, DELIVERED]}
+    hook.client_messages.append("M1")
+    assert result_of(spool.enqueue(envelope("M1", BOB, CAROL), CONTENT)) == "M1"
+    clock.advance(MAX_RETRY)
+
+
+def bounce_scenario(spool: Spool, clock: Clock, hook: CrashAt) -> None:
+    """M2 to dave, refused for good: a report to alice, then both removed."""
+    hook.agent.script = {"dave": [NO_SUCH_USER]}
+    hook.client_messages.append("M2")
+    assert result_of(spool.enqueue(envelope("M2", DAVE), CONTENT)) == "M2"
+    clock.advance(MAX_RETRY)
+
+
+Scenario = Callable[[Spool, Clock, CrashAt], None]
+
+
+def crash_images(tmp_path: Path, point: str, scenario: Scenario) -> CrashAt:
+    """Run ``scenario`` once, taking a crash image at every ``point``."""
+    spool_dir = tmp_path / "spool"
+    images = tmp_path / "images"
+    images.mkdir(parents=True)
+    hook = CrashAt(point, spool_dir, images)
+    clock = Clock()
+    spool = make_spool(spool_dir, clock, hook.agent, fault_hook=hook)
+    spool.startService()
+    scenario(spool, clock, hook)
+    result_of(spool.stopService())
+    return hook
+
+
+@dataclass
+class Recovered:
+    """A crash image after a fresh spool recovered it, then drained it."""
+
+    # Queue id -> the envelope right after recovery.
+    messages: dict[str, QueuedMessage]
+    # Queue id -> the content file right after recovery.
+    contents: dict[str, bytes]
+    # The files recovery left in tmp/.
+    leftovers: list[str]
+    agent: Agent
+
+
+def recover(image: CrashImage, script: dict[str, list[Reply]]) -> Recovered:
+    """Recover ``image`` as a restart would, note what it holds, then let a
+    fresh spool deliver all of it."""
+    store = SpoolStore(str(image.path))
+    found, _ = store.recover()
+    messages = {item.message_id: store.load(item.message_id) for item in found}
+    contents = {
+        entry.name: entry.read_bytes() for entry in (image.path / "content").iterdir()
+    }
+    leftovers = sorted(entry.name for entry in (image.path / "tmp").iterdir())
+
+    clock = Clock()
+    agent = Agent(script={k: list(v) for k, v in script.items()})
+    spool = make_spool(image.path, clock, agent)
+    spool.startService()
+    assert spool.recovery is not None
+    assert result_of(spool.recovery) == len(messages)
+    for _ in range(DRAIN_STEPS):
+        if not store.ids():
+            break
+        clock.advance(MAX_RETRY)
+    assert store.ids() == []
+    result_of(spool.stopService())
+    return Recovered(messages, contents, leftovers, agent)
+
+
+def assert_gone_or_whole(recovered: Recovered) -> None:
+    """Each message after recovery has its envelope and all of its content."""
+    assert recovered.leftovers == []
+    assert sorted(recovered.contents) == sorted(recovered.messages)
+    for message_id, message in recovered.messages.items():
+        content = recovered.contents[message_id]
+        assert message.size == len(content), message_id
+        if message_id in ("M1", "M2"):
+            assert content == CONTENT
+
+
+# The relay scenario, point by point: whether M1 survives the crash, and which
+# recipients get it twice (delivered before the crash, again after it).
+RELAY_EXPECTED = {
+    # Not yet committed: no 250 was sent, recovery removes the files.
+    "written": (False, set()),
+    "content-committed": (False, set()),
+    # The envelope is in place, the 250 not yet sent: kept, delivered once.
+    "committed": (True, set()),
+    # RFC 5321 section 6.1: bob was delivered, the rewrite not yet renamed.
+    "rewrite": (True, {BOB}),
+    "rewritten": (True, set()),
+    # Carol was delivered, the envelope not yet removed.
+    "remove": (True, {CAROL}),
+}
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_crash_in_relay_leaves_no_message_or_a_whole_one(
+    tmp_path: Path, point: str
+) -> None:
+    """A crash at each fault point leaves M1 absent or whole, never loses an
+    acknowledged recipient, and duplicates only inside the section 6.1 window."""
+    hook = crash_images(tmp_path, point, relay_scenario)
+    (image,) = hook.images
+
+    recovered = recover(image, {})
+
+    assert_gone_or_whole(recovered)
+    survives, duplicates = RELAY_EXPECTED[point]
+    assert ("M1" in recovered.messages) is survives
+    before = {address for _, address in image.delivered}
+    after = {address for _, address in recovered.agent.delivered}
+    assert before & after == duplicates
+    if "M1" in image.acknowledged or survives:
+        assert before | after == {BOB, CAROL}
+    else:
+        assert before | after == set()
+    assert ("M1" in image.acknowledged) is (POINTS.index(point) > 2)
+    for content in recovered.agent.contents.get("M1", []):
+        assert content == CONTENT
+
+
+def test_rewrite_crash_keeps_the_old_envelope(tmp_path: Path) -> None:
+    """A crash between writing and renaming a new envelope recovers the old
+    one, with both recipients still pending."""
+    hook = crash_images(tmp_path, "rewrite", relay_scenario)
+
+    recovered = recover(hook.images[0], {})
+
+    states = [r.state for r in recovered.messages["M1"].recipients]
+    assert states == [RecipientState.PENDING, RecipientState.PENDING]
+
+
+def test_rewritten_crash_keeps_the_new_envelope(tmp_path: Path) -> None:
+    """A crash after the rename recovers the rewritten envelope: bob
+    delivered, carol pending."""
+    hook = crash_images(tmp_path, "rewritten", relay_scenario)
+
+    recovered = recover(hook.images[0], {})
+
+    states = [r.state for r in recovered.messages["M1"].recipients]
+    assert states == [RecipientState.DELIVERED, RecipientState.PENDING]
+
+
+def test_relay_scenario_reaches_every_fault_point(tmp_path: Path) -> None:
+    """The relay scenario passes each fault point exactly once, so the
+    point-by-point test crashes at every one of them."""
+    hook = crash_images(tmp_path, "none", relay_scenario)
+
+    assert hook.seen == list(POINTS)
+
+
+# The bounce scenario: the reports alice gets in all (before the crash and
+# after recovery), by point and occurrence.  The spool removes M2 only after
+# its report is committed and, being due at once, delivered, so a crash in
+# between finds M2 still pending: it is refused again and reported again.
+BOUNCE_REPORTS = {
+    # M2 not committed: no 250, nothing to report.
+    ("written", 0): 0,
+    ("content-committed", 0): 0,
+    # M2 committed (and acknowledged from the second point on).
+    ("committed", 0): 1,
+    # The report half written: removed; M2's retry reports once.
+    ("written", 1): 1,
+    ("content-committed", 1): 1,
+    # The report committed but not sent: it goes out, and M2's retry too.
+    ("committed", 1): 2,
+    # The report sent, not yet removed: sent again, and M2's retry reports.
+    ("remove", 0): 3,
+    # M2 not yet removed: its retry reports a second time.
+    ("remove", 1): 2,
+}
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_crash_around_a_report_loses_neither_message_nor_report(
+    tmp_path: Path, point: str
+) -> None:
+    """At every occurrence of each point in the bounce scenario, recovery
+    leaves whole messages only, and an acknowledged M2 is reported to its
+    sender at least once, more often only in the windows the table names."""
+    hook = crash_images(tmp_path, point, bounce_scenario)
+
+    for occurrence, image in enumerate(hook.images):
+        recovered = recover(image, {"dave": [NO_SUCH_USER]})
+
+        assert_gone_or_whole(recovered)
+        delivered = image.delivered + recovered.agent.delivered
+        reports = [address for _, address in delivered if address == SENDER]
+        assert len(reports) == BOUNCE_REPORTS[point, occurrence]
+        if "M2" in image.acknowledged:
+            assert reports
+        assert DAVE not in [address for _, address in delivered]
+    assert len(hook.images) == sum(1 for p, _ in BOUNCE_REPORTS if p == point)
