@@ -103,13 +103,17 @@ async def _raise_oserror() -> Reply:
     raise OSError(28, "No space left on device")
 
 
+_RECEIVED_HEADER = re.compile(
+    rb"Received: .*?; \w{3}, \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n",
+    re.DOTALL,
+)
+
+
 def _strip_received(content: bytes) -> bytes:
-    assert content.startswith(b"Received: ")
-    end = 0
-    while True:
-        end = content.index(b"\r\n", end) + 2
-        if content[end : end + 1] not in (b"\t", b" "):
-            return content[end:]
+    """The content after the Received header mailx put first (its date ends it)."""
+    match = _RECEIVED_HEADER.match(content)
+    assert match is not None, content[:200]
+    return content[match.end() :]
 
 
 class FakeAuthenticator:
