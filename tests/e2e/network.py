@@ -8,9 +8,10 @@ is the sending domain's server: it relays for the client's network,
 resolve through ``tests.e2e.dns``, a DNS server process on 127.0.0.1 that every
 mailx is pointed at with ``[dns] servers``.
 
-The exchanges listen on port 25 of their own addresses when the tests run as
-root and port 25 is free there, as in CI; otherwise on one free port they all
-share, which every mailx is then told to deliver to with ``delivery.port``.
+The exchanges (smtp.example.net, example.net's exchange, among them) listen on
+port 25 of their own addresses when the tests run as root and port 25 is free
+there, as in CI; otherwise on one free port they all share, which every mailx
+is then told to deliver to with ``delivery.port``.
 
 ``MXNetwork`` starts and stops all of it; every wait is bounded and every
 process it started is stopped when it is closed.  Its addresses are fixed, so
@@ -109,7 +110,9 @@ def _bindable(address: str, port: int) -> bool:
     return True
 
 
-def choose_mx_port(addresses: Sequence[str] = (MXA, MXB, MXC, POSTFIX_MX)) -> int:
+def choose_mx_port(
+    addresses: Sequence[str] = (MXA, MXB, MXC, RELAY, POSTFIX_MX),
+) -> int:
     """25 when root may bind it on every address; else a port free on all."""
     if os.geteuid() == 0 and all(_bindable(a, 25) for a in addresses):
         return 25
@@ -356,11 +359,9 @@ class MXNetwork:
         self,
         address: str,
         settings: Settings,
-        port: int | None = None,
     ) -> Node:
         """Set up (not start) the mailx of ``address``."""
-        if port is None:
-            port = self.mx_port if address in (MXA, MXB, MXC) else free_port(address)
+        port = self.mx_port
         config = mailx_config(address, port, self.dns.port, self.mx_port, settings)
         directory = self.workdir / HOSTNAMES[address]
         node = Node(MailxProcess(directory, config, address=address, port=port))
