@@ -134,7 +134,11 @@ class RelayConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """The AUTH users file (format in etc/mailx.toml), or "" for none."""
+    """
+    The AUTH users file, or "" for none.  One user a line,
+    ``user:scrypt-hash:address1,address2`` (``mailx.auth`` reads it; the hash
+    string and the addresses are described in etc/mailx.toml).
+    """
 
     users_file: str = ""
 
