@@ -143,13 +143,20 @@ def smtp_source_command(load: Load, target: Target) -> list[str]:
     ]
 
 
-def wait_for_deliveries(server: Server, count: int, timeout: float) -> list[Path]:
-    """Poll the Maildir until ``count`` files are in it or time is up."""
+def wait_for_deliveries(
+    counter: Server, count: int, timeout: float, watched: Sequence[Server] = ()
+) -> list[Path]:
+    """
+    Poll the Maildir of ``counter`` until ``count`` files are in it, time is
+    up, or one of the ``watched`` servers has exited.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        files = server.delivered()
+        files = counter.delivered()
         if len(files) >= count or time.monotonic() >= deadline:
             return files
+        if not all(server.running() for server in watched):
+            return counter.delivered()
         time.sleep(POLL_INTERVAL)
 
 
@@ -222,9 +229,14 @@ def _measure(
             check=False,
         )
         accepted = time.monotonic() - start
-        files = wait_for_deliveries(counter, load.messages, load.timeout())
+        files = wait_for_deliveries(
+            counter, load.messages, load.timeout(), watched=(server, counter)
+        )
         cpu_after = cpu_seconds(session)
 
+    if not (server.running() and counter.running()):
+        result.error = "a server exited during the run (see its log with --keep)"
+        return
     if source.returncode != 0:
         result.error = f"smtp-source failed: {source.stderr.strip()[-500:]}"
         return

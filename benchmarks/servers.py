@@ -17,6 +17,7 @@ that stores without fsync and where the harness counts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from benchmarks.procstat import session_pids
 from tests.peers.postfix import PostfixInstance, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +79,9 @@ class Server(Protocol):
 
     def session(self) -> int:
         """The session id of the server's processes."""
+
+    def running(self) -> bool:
+        """Is the server still up (its master or main process alive)?"""
 
     def delivered(self) -> list[Path]:
         """The message files in the recipient's Maildir (new and cur)."""
@@ -140,6 +145,9 @@ class PostfixServer:
             raise ServerError("the Postfix master is not running")
         return master
 
+    def running(self) -> bool:
+        return self.instance.master_pid() is not None
+
     def delivered(self) -> list[Path]:
         return self.instance.messages()
 
@@ -190,21 +198,35 @@ class CommandServer:
             return "(no log)"
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
+        # The server and its workers form the process group it leads; the
+        # workers may outlive a main process that has died.
         group = self.process.pid
-        # The server and its workers form the process group it leads.
-        os.killpg(group, signal.SIGTERM)
+        self._signal_group(signal.SIGTERM)
         try:
             self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            os.killpg(group, signal.SIGKILL)
+            self._signal_group(signal.SIGKILL)
             self.process.wait(STOP_TIMEOUT)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while session_pids(group) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        if session_pids(group):
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
 
     def session(self) -> int:
         if self.process is None:
             raise ServerError(f"{self.name} is not running")
         return self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def delivered(self) -> list[Path]:
         return _maildir_files(self.maildir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import idle, procstat, run
+from benchmarks import idle, procstat, queued, run
 from benchmarks.servers import Target, mailx_config
 from mailx.config import load_config
 from tests.peers.postfix import postfix_available, why_unavailable
@@ -175,3 +175,50 @@ def test_idle_connections_are_held_and_greeted(
     out = capsys.readouterr().out
     assert status == 0, out
     assert re.search(r"^sink +30 +30 +\d+\.\d +\d+\.\d$", out, re.MULTILINE), out
+
+
+class _FakeServer:
+    """A server whose Maildir stays empty and that may have exited."""
+
+    name = "fake"
+
+    def __init__(self, running: bool) -> None:
+        self.up = running
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+    def session(self) -> int:
+        return os.getsid(0)
+
+    def running(self) -> bool:
+        return self.up
+
+    def delivered(self) -> list[Path]:
+        return []
+
+
+def test_waiting_for_deliveries_ends_when_a_server_exits() -> None:
+    """A server that exited ends the wait at once instead of at the timeout."""
+    counter = _FakeServer(running=True)
+    exited = _FakeServer(running=False)
+
+    files = run.wait_for_deliveries(counter, 10, timeout=3600, watched=[exited])
+
+    assert files == []
+
+
+@pytest.mark.integration
+def test_queued_start_delivers_the_spool_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """mailx started on a filled spool delivers every queued message once."""
+    status = queued.main(["--messages", "30", "--drain", "--timeout", "120"])
+
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "mailx starting with 30 queued messages" in out
+    assert "check: ok" in out
