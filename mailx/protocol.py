@@ -26,6 +26,9 @@ from mailx.envelope import ClientInfo, MessageSink, Policy
 from mailx.maillog import maillog
 from mailx.session import Authenticator, Session, SessionConfig
 
+# Input held while the client does not read our replies, before reading stops.
+MAX_UNREAD = 65536
+
 
 class ConnectionLimits:
     """Caps on concurrent sessions, overall and per client address."""
@@ -77,6 +80,7 @@ class SMTPServerProtocol(Protocol):
     _address = ""
     _counted = False
     _timer: IDelayedCall | None = None
+    _reading_paused = False
 
     def connectionMade(self) -> None:
         settings = self.factory.settings
@@ -124,6 +128,9 @@ class SMTPServerProtocol(Protocol):
         self.session.data_received(data)
         if self.session.progress != before:
             self._restart_timer()
+        if self.session.unread > MAX_UNREAD and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._timer is not None and self._timer.active():
@@ -148,13 +155,21 @@ class SMTPServerProtocol(Protocol):
         if self.session is not None:
             self.session.timed_out()
 
-    # IPushProducer: pause reading while our replies are not being read.
+    # IPushProducer: while our replies are not being read, answer nothing
+    # more; once the unread input passes a bound, stop reading the socket.
+    # The transport is not paused at once: a TLS transport pauses us during
+    # its handshake, and must go on reading to finish it.
 
     def pauseProducing(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        if self.session is not None:
+            self.session.pause()
 
     def resumeProducing(self) -> None:
-        self.transport.resumeProducing()  # type: ignore[union-attr]
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        if self.session is not None:
+            self.session.resume()
 
     def stopProducing(self) -> None:
         pass

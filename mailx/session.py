@@ -245,6 +245,7 @@ class Session:
         # Counts commands and text lines read; the idle timer watches it.
         self.progress = 0
         self.busy = False
+        self.paused = False
         self._buffer = bytearray()
         self._pending_output: list[bytes] = []
         self._overlong_command = False
@@ -297,6 +298,20 @@ class Session:
         self._close_with(replies.SHUTTING_DOWN)
         self._flush()
 
+    def pause(self) -> None:
+        """Answer nothing more until resume(): the client is not reading."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        if not self._processing:
+            self._process()
+
+    @property
+    def unread(self) -> int:
+        """Octets received and not yet read."""
+        return len(self._buffer)
+
     def data_received(self, data: bytes) -> None:
         if self.mode is Mode.TLS_HANDSHAKE or self.mode is Mode.CLOSED:
             return
@@ -314,7 +329,12 @@ class Session:
         self._flush()
 
     def _process_buffer(self) -> None:
-        while not self.busy and self._buffer and self.mode is not Mode.CLOSED:
+        while (
+            not self.busy
+            and not self.paused
+            and self._buffer
+            and self.mode is not Mode.CLOSED
+        ):
             if self.mode is Mode.COMMAND or self.mode is Mode.AUTH:
                 if not self._read_line():
                     break

@@ -164,11 +164,16 @@ def test_starttls_starts_tls_after_the_220() -> None:
 
 
 def test_replies_not_read_pause_reading() -> None:
-    """When the transport's buffer is full the adapter stops reading input."""
+    """A client not reading replies is answered no more, then not read."""
     factory, _ = make_factory(Clock())
     protocol, transport = connect(factory)
     assert transport.producer is protocol
     protocol.pauseProducing()
+    protocol.dataReceived(b"NOOP\r\n")
+    assert transport.text().count(b"\r\n") == 1
+    assert transport.producerState == "producing"
+    protocol.dataReceived(b"NOOP\r\n" * 20000)
     assert transport.producerState == "paused"
     protocol.resumeProducing()
     assert transport.producerState == "producing"
+    assert transport.text().count(b"250 2.0.0 OK") == 20001

@@ -349,14 +349,10 @@ def test_user_without_addresses_may_use_any_sender(exchanger: Exchanger) -> None
 # mailx.protocol registers itself as a streaming producer before the TLS
 # handshake; the greeting buffered by TLSMemoryBIOProtocol pauses it, which
 # pauses reading, so the handshake never completes (reported with this test).
-IMPLICIT_TLS_BUG = pytest.mark.xfail(
-    strict=True, reason="protocol: producer paused during the implicit-TLS handshake"
-)
 # Bounds the wait for a handshake that does not complete while the bug lasts.
 HANDSHAKE_TIMEOUT = 10
 
 
-@IMPLICIT_TLS_BUG
 def test_implicit_tls_auth_and_send(exchanger: Exchanger) -> None:
     """On the smtps listener TLS starts at once, AUTH is offered and mail is sent."""
     with smtplib.SMTP_SSL(
@@ -410,7 +406,6 @@ def test_swaks_starttls_auth_on_submission(exchanger: Exchanger) -> None:
     assert any(b"swaks over submission" in message for message in stored)
 
 
-@IMPLICIT_TLS_BUG
 @needs_swaks
 def test_swaks_implicit_tls_auth_login(exchanger: Exchanger) -> None:
     """swaks submits over implicit TLS with AUTH LOGIN."""
