@@ -28,6 +28,9 @@ from mailx.session import Authenticator, Session, SessionConfig
 
 # Input held while the client does not read our replies, before reading stops.
 MAX_UNREAD = 65536
+# Octets a second of message text that keep a session alive (Postfix's
+# smtpd_min_data_rate default).
+MIN_DATA_RATE = 500
 
 
 class ConnectionLimits:
@@ -122,12 +125,16 @@ class SMTPServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.session is None:
             return
-        # The idle timer restarts only when a command or line is complete,
-        # so a client sending one octet at a time cannot hold its slot.
-        before = self.session.progress
+        # The timer restarts when a command is complete.  While message text
+        # arrives, each octet buys 1/MIN_DATA_RATE seconds, up to the whole
+        # timeout: a client that trickles octets or empty lines cannot hold
+        # its slot (Postfix's smtpd_min_data_rate works the same way).
+        before = self.session.commands
         self.session.data_received(data)
-        if self.session.progress != before:
+        if self.session.commands != before:
             self._restart_timer()
+        elif self.session.receiving_message:
+            self._extend_timer(len(data) / MIN_DATA_RATE)
         if self.session.unread > MAX_UNREAD and not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
@@ -149,6 +156,13 @@ class SMTPServerProtocol(Protocol):
             self._timer.reset(timeout)
         else:
             self._timer = self.factory.clock.callLater(timeout, self._timed_out)
+
+    def _extend_timer(self, seconds: float) -> None:
+        timer = self._timer
+        if timer is None or not timer.active():
+            return
+        remaining = timer.getTime() - self.factory.clock.seconds()
+        timer.reset(min(self.factory.settings.idle_timeout, remaining + seconds))
 
     def _timed_out(self) -> None:
         self._timer = None

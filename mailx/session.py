@@ -242,8 +242,9 @@ class Session:
         self.mode = Mode.COMMAND
         self.envelope: Envelope | None = None
         self.errors = 0
-        # Counts commands and text lines read; the idle timer watches it.
-        self.progress = 0
+        # Counts command lines read (and messages ended); the idle timer
+        # restarts when it grows.
+        self.commands = 0
         self.busy = False
         self.paused = False
         self._buffer = bytearray()
@@ -308,6 +309,11 @@ class Session:
             self._process()
 
     @property
+    def receiving_message(self) -> bool:
+        """Message text (DATA or a BDAT chunk) is being read."""
+        return self.mode is Mode.DATA or self.mode is Mode.CHUNK
+
+    @property
     def unread(self) -> int:
         """Octets received and not yet read."""
         return len(self._buffer)
@@ -357,7 +363,7 @@ class Session:
             return False
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 2]
-        self.progress += 1
+        self.commands += 1
         if self._overlong_command or len(line) + 2 > limit:
             self._overlong_command = False
             self.mode = Mode.COMMAND
@@ -373,8 +379,8 @@ class Session:
         assert self._reader is not None
         consumed, ended = self._reader.feed(self._buffer)
         del self._buffer[:consumed]
-        self.progress += 1 if consumed else 0
         if ended:
+            self.commands += 1
             reader, self._reader = self._reader, None
             self.mode = Mode.COMMAND
             failure = reader.failure()
@@ -387,11 +393,11 @@ class Session:
     def _read_chunk(self) -> None:
         taken = bytes(self._buffer[: self._chunk_remaining])
         del self._buffer[: len(taken)]
-        self.progress += 1
         self._chunk_remaining -= len(taken)
         if not self._chunk_discard and self._chunks is not None:
             self._chunks.add(taken)
         if self._chunk_remaining == 0:
+            self.commands += 1
             self.mode = Mode.COMMAND
             self._chunk_complete()
 

@@ -171,9 +171,6 @@ def test_an_octet_a_minute_of_message_text_times_out() -> None:
     assert transport.value().endswith(b"421 4.4.2 Idle timeout, closing connection\r\n")
 
 
-# mailx.session counts every BDAT read as progress, however small, so the
-# idle timer restarts on each octet of a chunk (reported with this test).
-@pytest.mark.xfail(strict=True, reason="session: one BDAT octet restarts the timer")
 def test_an_octet_a_minute_of_a_bdat_chunk_times_out() -> None:
     """A BDAT chunk trickled an octet a minute is timed out like any idle client."""
     server = Server()
@@ -188,9 +185,6 @@ def test_an_octet_a_minute_of_a_bdat_chunk_times_out() -> None:
     assert transport.disconnecting
 
 
-# Short text lines are whole lines: each restarts the timer, so two octets
-# every four minutes keep a slot until max_message_size (reported).
-@pytest.mark.xfail(strict=True, reason="no deadline for a whole message's text")
 def test_empty_lines_trickled_into_a_message_do_not_hold_the_slot() -> None:
     """An empty text line every four minutes does not keep a session for hours."""
     server = Server()
