@@ -346,10 +346,7 @@ def test_user_without_addresses_may_use_any_sender(exchanger: Exchanger) -> None
 # --- implicit TLS (RFC 8314) ------------------------------------------------------
 
 
-# mailx.protocol registers itself as a streaming producer before the TLS
-# handshake; the greeting buffered by TLSMemoryBIOProtocol pauses it, which
-# pauses reading, so the handshake never completes (reported with this test).
-# Bounds the wait for a handshake that does not complete while the bug lasts.
+# Bounds the wait for a TLS handshake on loopback.
 HANDSHAKE_TIMEOUT = 10
 
 
