@@ -29,6 +29,7 @@ from twisted.python import usage
 
 from mailx import auth
 from mailx import local as local_recipients
+from mailx.backup import backup_check_from_config
 from mailx.config import Config, ConfigError, load_config
 from mailx.maillog import MAIL_NAMESPACE, maillog
 from mailx.outbound import agent_from_config
@@ -55,12 +56,14 @@ class Options(usage.Options):
     config: Config
     tls: ReloadableContext | None
     mailboxes: local_recipients.LocalRecipients
+    users: auth.Users
 
     def postOptions(self) -> None:
         try:
             self.config = load_config(self["config"])
             self.mailboxes = local_recipients.LocalRecipients(self.config)
-        except ConfigError as error:
+            self.users = auth.load_users(self.config.auth.users_file)
+        except (ConfigError, auth.UsersFileError) as error:
             raise usage.UsageError(f"configuration: {error}") from None
         self.tls = None
         if self.config.tls.enabled:
@@ -147,7 +150,9 @@ class MailxService(MultiService):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return build_service(options.config, options.tls, options.mailboxes, reactor)
+    return build_service(
+        options.config, options.tls, options.mailboxes, reactor, options.users
+    )
 
 
 def build_service(
@@ -155,10 +160,13 @@ def build_service(
     tls: ReloadableContext | None,
     mailboxes: local_recipients.LocalRecipients,
     reactor: Any,
+    users: auth.Users | None = None,
     outbound: DeliveryAgent | None = None,
 ) -> MailxService:
     """Assemble the whole server; tests call this with their own reactor."""
     service = MailxService(config, tls)
+    if users is None:
+        users = auth.load_users(config.auth.users_file)
 
     def run_io(work: Callable[[], _T]) -> Deferred[_T]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
@@ -186,10 +194,8 @@ def build_service(
         config.domains.backup,
         config.relay.networks,
         lambda address: bool(mailboxes.resolve(address)),
-        backup_check=_backup_check(config, reactor),
-        sender_addresses=(
-            users := auth.load_users(config.auth.users_file)
-        ).sender_addresses,
+        backup_check=backup_check_from_config(config, reactor),
+        sender_addresses=users.sender_addresses,
     )
     # auth wiring (issue 3): the authenticator for AUTH PLAIN and LOGIN.
     authenticator = auth.build_authenticator(
@@ -242,10 +248,3 @@ def build_service(
         listener._raiseSynchronously = True
         listener.setServiceParent(service)
     return service
-
-
-def _backup_check(config: Config, reactor: Any) -> Any:
-    """The recipient check for backup domains that ``[backup]`` asks for."""
-    from mailx.backup import backup_check_from_config
-
-    return backup_check_from_config(config, reactor)

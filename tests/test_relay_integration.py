@@ -479,3 +479,4 @@ def test_bad_users_file_stops_the_start(tmp_path: Path) -> None:
     ) as caught:
         server.process.start()
     assert "hunter2" not in str(caught.value)
+    assert "Traceback" not in str(caught.value)
