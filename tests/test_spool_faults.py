@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from mailx.address import Address
 from mailx.envelope import ClientInfo, Envelope, Recipient, Route
 from mailx.queue import QueuedMessage, RecipientState
 from mailx.replies import Reply
+from mailx.router import GroupCommit, LocalStore, Router
 from mailx.spool import RecipientResult, Spool, SpoolStore, synchronous_io
 
 _T = TypeVar("_T")
@@ -360,3 +361,75 @@ def test_crash_around_a_report_loses_neither_message_nor_report(
             assert reports
         assert DAVE not in [address for _, address in delivered]
     assert len(hook.images) == sum(1 for p, _ in BOUNCE_REPORTS if p == point)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SpoolStore.recover reports an unreadable envelope as removed but "
+    "leaves it in envelope/, unscheduled, at every start (reported)",
+)
+def test_recovery_removes_what_it_reports_removed(tmp_path: Path) -> None:
+    """Every file recovery reports as removed is gone from envelope/ and
+    content/ afterwards, an unreadable envelope included."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    (tmp_path / "envelope" / "BROKEN").write_bytes(b"{not json")
+    (tmp_path / "content" / "BROKEN").write_bytes(CONTENT)
+
+    found, removed = store.recover()
+
+    assert found == []
+    assert removed == ["envelope/BROKEN"]
+    assert not (tmp_path / "envelope" / "BROKEN").exists()
+
+
+class OneMailbox:
+    """Every address is one local mailbox, ``box``."""
+
+    def maildir(self, root: str) -> str:
+        return f"{root}/box"
+
+    def resolve(self, address: Address) -> list[OneMailbox]:
+        return [self]
+
+
+def failing_disk(
+    work: Callable[[], list[str | OSError]],
+) -> Deferred[list[str | OSError]]:
+    """An I/O runner on a disk that fails every write."""
+    return fail(OSError(28, "No space left on device"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Router.receive queues the relayed recipients before it writes the "
+    "local Maildirs: when that write fails the client gets 451, yet the queued "
+    "copy is delivered, and again when the client resends (reported)",
+)
+def test_no_relay_of_a_message_refused_for_its_local_copy(tmp_path: Path) -> None:
+    """When the local copy of a message cannot be stored and the client is
+    refused, its relayed recipients do not get it either."""
+    clock = Clock()
+    agent = Agent()
+    spool = make_spool(tmp_path / "spool", clock, agent)
+    spool.startService()
+    local = LocalStore(str(tmp_path / "mail"), OneMailbox(), GroupCommit(failing_disk))
+    router = Router(local, spool)
+    mixed = Envelope(
+        reverse_path=SENDER,
+        recipients=[
+            Recipient(BOB, Route.RELAY),
+            Recipient(Address("postmaster", "example.net"), Route.LOCAL),
+        ],
+        client=ClientInfo("192.0.2.1", 2525, helo="client.example.org"),
+        message_id="M3",
+    )
+
+    replies: list[object] = []
+    router.receive(mixed, CONTENT).addBoth(replies.append)
+    clock.advance(LIFETIME)
+
+    assert len(replies) == 1
+    assert not isinstance(replies[0], Reply) or not replies[0].is_positive
+    assert agent.delivered == []
+    result_of(spool.stopService())
