@@ -152,6 +152,25 @@ def test_small_relay_run_through_postfix(capsys: pytest.CaptureFixture[str]) -> 
     assert len(rows) == 2, out
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("scenario", ["maildir", "relay"])
+def test_small_run_of_mailx_against_postfix(
+    scenario: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's benchmark runs on a small load and every message lands once."""
+    if not postfix_available():
+        pytest.skip(why_unavailable())
+
+    argv = ["--scenario", scenario, "--a", "mailx", "--b", "postfix"]
+    status = run.main([*argv, "--messages", "300", "--rounds", "1"])
+
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert re.search(r"^ +1 mailx +\d+ +\d+ .*  ok$", out, re.MULTILINE), out
+    assert re.search(r"^ +1 postfix +\d+ +\d+ .*  ok$", out, re.MULTILINE), out
+    assert "mailx / postfix, per round, then the median:" in out
+
+
 def test_sink_refuses_to_relay(capsys: pytest.CaptureFixture[str]) -> None:
     """Asking the sink server to relay fails its runs instead of measuring."""
     if not os.path.exists(run.SMTP_SOURCE):
