@@ -3,9 +3,11 @@ Where an accepted message goes: the server's ``MessageSink``.
 
 Recipients in local domains are written into their Maildirs; every other
 recipient (backup MX and relay) is written into the spool, which passes the
-message on.  The server says 250 only when both are durable; if either
-fails it says 451 4.3.0 and the client sends the whole message again (a
-local copy may then arrive twice, which is better than none).
+message on.  The server says 250 only when both are durable.  When the
+Maildirs cannot be written, the whole message goes into the spool, which
+delivers the local copies later.  When the spool cannot take it the client
+gets 451 4.3.0 and sends it again; if the local copies were already written
+they then arrive twice, which is better than never.
 
 ``LocalFirstAgent`` is the spool's ``DeliveryAgent``: it delivers into local
 Maildirs itself (delivery status notifications to local senders, mail for a
@@ -15,6 +17,7 @@ other domain to the outbound client.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
@@ -23,7 +26,7 @@ from twisted.python.failure import Failure
 
 from mailx import maildir, replies
 from mailx.address import Address
-from mailx.envelope import Envelope, Route
+from mailx.envelope import Envelope, Recipient, Route
 from mailx.maillog import maillog
 from mailx.replies import Reply
 from mailx.spool import DeliveryAgent, RecipientResult
@@ -144,35 +147,43 @@ class Router:
         self.queue = queue
 
     def receive(self, envelope: Envelope, content: bytes) -> Deferred[Reply]:
+        return Deferred.fromCoroutine(self._receive(envelope, content))
+
+    async def _receive(self, envelope: Envelope, content: bytes) -> Reply:
+        """
+        Local recipients first, straight into their Maildirs; then the others
+        into the spool.  If the Maildirs cannot be written, every recipient
+        goes into the spool instead, which retries the local ones later, so
+        the client is never refused for a copy that was already queued.
+        """
         local = [r for r in envelope.recipients if r.route is Route.LOCAL]
         others = [r for r in envelope.recipients if r.route is not Route.LOCAL]
+        if others and self.queue is None:
+            return replies.LOCAL_ERROR
 
-        deferred: Deferred[object] = succeed(None)
-        if others:
-            if self.queue is None:
-                return succeed(replies.LOCAL_ERROR)
-            queued = Envelope(
-                reverse_path=envelope.reverse_path,
-                recipients=others,
-                body=envelope.body,
-                smtputf8=envelope.smtputf8,
-                declared_size=envelope.declared_size,
-                ret=envelope.ret,
-                envid=envelope.envid,
-                client=envelope.client,
-                message_id=envelope.message_id,
-                received_at=envelope.received_at,
-            )
-            deferred = self.queue.enqueue(queued, content)  # type: ignore[assignment]
         if local:
             addresses = [r.address for r in local]
-            deferred.addCallback(
-                lambda _: self.local.deliver(
+            try:
+                await self.local.deliver(
                     envelope.message_id, envelope.reverse_path, addresses, content
                 )
-            )
-        deferred.addCallback(lambda _: replies.OK)
-        return deferred  # type: ignore[return-value]
+            except OSError as error:
+                if self.queue is None:
+                    raise
+                maillog.warn(
+                    "{message_id}: maildir write failed ({error}); queued for retry",
+                    message_id=envelope.message_id,
+                    error=str(error),
+                )
+                others = envelope.recipients
+        if others:
+            assert self.queue is not None
+            await self.queue.enqueue(_with_recipients(envelope, others), content)
+        return replies.OK
+
+
+def _with_recipients(envelope: Envelope, recipients: list[Recipient]) -> Envelope:
+    return dataclasses.replace(envelope, recipients=list(recipients))
 
 
 class LocalFirstAgent:
