@@ -19,12 +19,13 @@ All functions block; the caller runs them in a thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+from mailx import durable
 
 # maildir(5): a Maildir and its subdirectories are private to the user.
 DIRECTORY_MODE = 0o700
@@ -142,23 +143,8 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
 
 
-def _load_syncfs() -> Callable[[int], None] | None:
-    """syncfs(2) through libc, or None where the C library lacks it."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).syncfs
-    except (AttributeError, OSError):
-        return None
-
-    def syncfs(descriptor: int) -> None:
-        # Since Linux 5.8 syncfs reports write-back errors of the file system.
-        if function(descriptor) != 0:
-            number = ctypes.get_errno()
-            raise OSError(number, os.strerror(number))
-
-    return syncfs
-
-
-_syncfs = _load_syncfs()
+# syncfs(2), or None where libc lacks it (tests replace it).
+_syncfs = durable.SYNCFS
 # Maildirs known to exist with tmp/, new/ and cur/: checked once a process.
 _ready: set[str] = set()
 
@@ -231,16 +217,7 @@ def _write_unsynced(path: str, content: bytes) -> int:
 def _sync_all(descriptors: list[int]) -> OSError | None:
     """Make the files' data durable: one syncfs per file system, or fsyncs."""
     try:
-        if _syncfs is None:
-            for descriptor in descriptors:
-                os.fdatasync(descriptor)
-            return None
-        synced: set[int] = set()
-        for descriptor in descriptors:
-            device = os.fstat(descriptor).st_dev
-            if device not in synced:
-                _syncfs(descriptor)
-                synced.add(device)
+        durable.sync_files(descriptors, _syncfs)
     except OSError as error:
         return error
     return None
@@ -248,17 +225,8 @@ def _sync_all(descriptors: list[int]) -> OSError | None:
 
 def _sync_directories(directories: list[str]) -> OSError | None:
     """Make renames into these directories durable."""
-    descriptors: list[int] = []
     try:
-        for directory in directories:
-            descriptors.append(os.open(directory, os.O_RDONLY | os.O_DIRECTORY))
-        if _syncfs is None:
-            for descriptor in descriptors:
-                os.fsync(descriptor)
-            return None
-        return _sync_all(descriptors)
+        durable.sync_directories(directories, _syncfs)
     except OSError as error:
         return error
-    finally:
-        for descriptor in descriptors:
-            os.close(descriptor)
+    return None
