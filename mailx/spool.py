@@ -8,10 +8,18 @@ renamed into place last, after the content is durable: an envelope file is
 the commit point, so a crash leaves either a whole message or files that
 recovery removes (anything in ``tmp/``, a content file with no envelope).
 
-``enqueue`` writes and fsyncs both temporary files in a worker thread, then
-joins a group commit: one worker call renames every message waiting to be
-committed and fsyncs each directory once for all of them.  Its Deferred fires
-only after that, so no 250 goes out before its message is durable.
+``enqueue`` joins a group commit: one worker call takes every message waiting
+to be stored, writes its two temporary files without syncing them, makes them
+all durable with one ``syncfs(2)`` (``mailx.durable``), renames every content
+file into place and syncs again, then renames every envelope into place and
+syncs a third time.  Three syncs serve the whole batch, and the ordering
+holds: a content file is durable before its envelope is renamed, and the
+envelope rename is durable before the Deferred fires, so no 250 goes out
+before its message is durable.  Finished messages leave in batches the same
+way: every envelope unlinked, one sync, then the contents.
+
+A message's first attempt uses the envelope and content it was enqueued with,
+kept in memory (within ``FRESH_CONTENT_LIMIT``), instead of reading them back.
 
 Delivery calls the ``DeliveryAgent`` once per (message, recipient domain) with
 every pending recipient of that domain, applies each recipient's reply, and
@@ -26,9 +34,10 @@ import os
 import random
 import re
 import secrets
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import (
@@ -50,7 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mailx import replies
+from mailx import durable, replies
 from mailx.address import Address, parse_mailbox
 from mailx.dsn import Action, RecipientReport, Report, build_report
 from mailx.envelope import Body, Envelope, Route
@@ -65,6 +74,8 @@ from mailx.queue import (
 from mailx.replies import Reply, ReplyError
 
 _T = TypeVar("_T")
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 # The mail log: one line per business event, parsed by operators' tools.
 maillog = Logger(namespace="mailx.mail")
@@ -78,6 +89,12 @@ QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 # not open 100,000 connections; 20 is Postfix's default per-destination
 # concurrency, used here as a bound for the whole spool.
 MAX_PARALLEL = 20
+
+# The content of fresh messages kept in memory for their first attempt, in
+# all (our choice): 64 MiB holds a few thousand typical messages, enough for
+# a burst of arrivals, and bounds the memory whatever their size.  Beyond it
+# the oldest are dropped and read back from disk when tried.
+FRESH_CONTENT_LIMIT = 64 * 1024 * 1024
 
 # Worker threads for spool I/O: enough for several sessions' fsyncs to
 # overlap, few enough that a burst of mail cannot start unbounded threads.
@@ -134,10 +151,13 @@ class MessageHeld(Exception):
     """The message is on hold; release it first."""
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _write_unsynced(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file at ``path``; a group sync follows."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.fsync(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
 
@@ -168,18 +188,23 @@ class SpoolStore:
     """
     The spool directory.  Every method blocks on the file system: the
     ``Spool`` runs them in worker threads.  ``fault_hook`` is called with a
-    point's name before each step that matters to crash safety, so a test can
-    kill the process there.
+    point's name before and after each step that matters to crash safety, so
+    a test can kill the process there.  ``syncfs`` is ``durable.SYNCFS``
+    unless a test gives another (None takes the fsync-per-file path).
     """
 
     def __init__(
-        self, directory: str, fault_hook: Callable[[str], None] | None = None
+        self,
+        directory: str,
+        fault_hook: Callable[[str], None] | None = None,
+        syncfs: durable.SyncFS | None = durable.SYNCFS,
     ) -> None:
         self.directory = directory
         self.tmp = os.path.join(directory, "tmp")
         self.content = os.path.join(directory, "content")
         self.envelope = os.path.join(directory, "envelope")
         self._fault_hook = fault_hook
+        self._syncfs = syncfs
 
     def _fault(self, point: str) -> None:
         if self._fault_hook is not None:
@@ -198,29 +223,76 @@ class SpoolStore:
     def _temp(self, message_id: str, part: str) -> str:
         return os.path.join(self.tmp, f"{message_id}.{part}")
 
-    def write_temp(self, message: QueuedMessage, content: bytes) -> None:
-        """Write a new message's two files under ``tmp/``, each fsynced."""
-        _write_synced(self._temp(message.message_id, "content"), content)
-        _write_synced(self._temp(message.message_id, "envelope"), message.to_json())
+    def store_new(
+        self, messages: Sequence[tuple[QueuedMessage, bytes]]
+    ) -> list[OSError | None]:
+        """
+        Store new messages as one group commit: write each one's temporary
+        files, then ``commit`` all that were written.  Return, per message in
+        order, the error that kept it from being written, or None.  A failure
+        of the commit itself raises, and no message of the batch counts as
+        stored (``discard`` cleans up after it).
+        """
+        results: list[OSError | None] = []
+        written: list[str] = []
+        for message, content in messages:
+            try:
+                self.write_temp(message, content)
+            except OSError as error:
+                # Best effort: the write error is the news, not the clean-up.
+                with contextlib.suppress(OSError):
+                    self.discard(message.message_id)
+                results.append(error)
+                continue
+            results.append(None)
+            written.append(message.message_id)
         self._fault("written")
+        if written:
+            self.commit(written)
+        return results
+
+    def write_temp(self, message: QueuedMessage, content: bytes) -> None:
+        """Write a new message's two files under ``tmp/``, not yet synced."""
+        _write_unsynced(self._temp(message.message_id, "content"), content)
+        _write_unsynced(self._temp(message.message_id, "envelope"), message.to_json())
 
     def commit(self, message_ids: list[str]) -> None:
         """
-        Move written messages into place: every content file first, made
-        durable by one fsync of its directory, then every envelope, made
-        durable by one more.  Two directory fsyncs serve the whole batch.
+        Make written messages durable and move them into place, with three
+        syncs for the whole batch: the temporary files, then every content
+        renamed into place, then every envelope renamed into place (the
+        commit point).  Each rename happens only after what it names is
+        durable.
         """
+        self._sync_temps(message_ids)
+        self._fault("synced")
+
         for message_id in message_ids:
             os.replace(self._temp(message_id, "content"), self.content_path(message_id))
-        _fsync_directory(self.content)
+        self._fault("content-renamed")
+        durable.sync_directories([self.content], self._syncfs)
         self._fault("content-committed")
 
         for message_id in message_ids:
             os.replace(
                 self._temp(message_id, "envelope"), self.envelope_path(message_id)
             )
-        _fsync_directory(self.envelope)
+        self._fault("envelope-renamed")
+        durable.sync_directories([self.envelope], self._syncfs)
         self._fault("committed")
+
+    def _sync_temps(self, message_ids: list[str]) -> None:
+        if self._syncfs is not None:
+            # One syncfs of the file system tmp/ is on covers every file.
+            durable.sync_directories([self.tmp], self._syncfs)
+            return
+        for message_id in message_ids:
+            for part in ("content", "envelope"):
+                fd = os.open(self._temp(message_id, part), os.O_RDONLY)
+                try:
+                    durable.sync_files([fd], None)
+                finally:
+                    os.close(fd)
 
     def discard(self, message_id: str) -> None:
         """Remove whatever a failed enqueue left of a message."""
@@ -250,20 +322,37 @@ class SpoolStore:
         _write_synced(temp, message.to_json())
         self._fault("rewrite")
         os.replace(temp, self.envelope_path(message.message_id))
-        _fsync_directory(self.envelope)
+        durable.sync_directories([self.envelope], None)
         self._fault("rewritten")
 
     def remove(self, message_id: str) -> bool:
         """Remove a message, envelope first; False if it was not there."""
+        return self.remove_batch([message_id])[0]
+
+    def remove_batch(self, message_ids: Sequence[str]) -> list[bool]:
+        """
+        Remove messages: every envelope, made durable by one sync, then the
+        contents (a content file left by a crash is removed by recovery).
+        Return, per message in order, False if it was not there.
+        """
         self._fault("remove")
-        try:
-            os.unlink(self.envelope_path(message_id))
-        except FileNotFoundError:
-            return False
-        _fsync_directory(self.envelope)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.content_path(message_id))
-        return True
+        found: list[bool] = []
+        for message_id in message_ids:
+            try:
+                os.unlink(self.envelope_path(message_id))
+            except FileNotFoundError:
+                found.append(False)
+            else:
+                found.append(True)
+        if any(found):
+            durable.sync_directories([self.envelope], self._syncfs)
+        self._fault("removed")
+
+        for message_id, was_there in zip(message_ids, found, strict=True):
+            if was_there:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.content_path(message_id))
+        return found
 
     def ids(self) -> list[str]:
         """The ids of every committed message, in arrival order of the id."""
@@ -307,6 +396,62 @@ class SpoolStore:
                 Recovered(name, message.next_attempt, message.hold, message.arrival)
             )
         return found, removed
+
+
+class GroupJob(Generic[_Item, _Result]):
+    """
+    Runs submitted items in batches through one blocking ``work`` call at a
+    time: items that arrive while a batch runs wait and form the next batch.
+    ``work`` returns one result per item, an ``OSError`` for an item that
+    failed alone; if it raises, every item of its batch fails.
+    """
+
+    def __init__(
+        self,
+        run_io: IORunner,
+        work: Callable[[list[_Item]], Sequence[_Result | OSError]],
+    ) -> None:
+        self._run_io = run_io
+        self._work = work
+        self._waiting: list[tuple[_Item, Deferred[_Result]]] = []
+        # Fires when the batch under way is done; None when none is.
+        self.running: Deferred[None] | None = None
+
+    def submit(self, item: _Item) -> Deferred[_Result]:
+        """Fire with the item's result once its batch is done."""
+        done: Deferred[_Result] = Deferred()
+        self._waiting.append((item, done))
+        if self.running is None:
+            self._next_batch()
+        return done
+
+    def _next_batch(self) -> None:
+        batch, self._waiting = self._waiting, []
+        items = [item for item, _ in batch]
+        # Set before the work starts: an I/O runner may finish it at once,
+        # and items submitted meanwhile must wait for the next batch.
+        running: Deferred[None] = Deferred()
+        self.running = running
+
+        def report(results: Sequence[_Result | OSError]) -> None:
+            for (_, done), result in zip(batch, results, strict=True):
+                if isinstance(result, OSError):
+                    done.errback(Failure(result))  # type: ignore[no-untyped-call]
+                else:
+                    done.callback(result)
+
+        def failed(failure: Failure) -> None:
+            for _, done in batch:
+                done.errback(failure)
+
+        def finished(_: object) -> None:
+            self.running = None
+            running.callback(None)
+            if self._waiting and self.running is None:
+                self._next_batch()
+
+        work = self._run_io(lambda: self._work(items))
+        work.addCallbacks(report, failed).addBoth(finished)
 
 
 def new_queue_id(now: float) -> str:
@@ -365,8 +510,15 @@ class Spool(Service):
         self._flushed_in_flight: set[str] = set()
         self._locks: dict[str, DeferredLock] = {}
         self._timer: IDelayedCall | None = None
-        self._to_commit: list[tuple[str, Deferred[None]]] = []
-        self._committing: Deferred[None] | None = None
+        self._commits: GroupJob[tuple[QueuedMessage, bytes], None] = GroupJob(
+            self._run_io, self.store.store_new
+        )
+        self._removals: GroupJob[str, bool] = GroupJob(
+            self._run_io, self.store.remove_batch
+        )
+        # Fresh messages not yet tried, with their content, oldest first.
+        self._fresh: OrderedDict[str, tuple[QueuedMessage, bytes]] = OrderedDict()
+        self._fresh_size = 0
         self._control_port: IListeningPort | None = None
         # Writers waiting for recovery to finish; None when none is running.
         self._recovering: list[Deferred[None]] | None = None
@@ -450,8 +602,9 @@ class Spool(Service):
         if self._control_port is not None:
             port, self._control_port = self._control_port, None
             waits.append(Deferred.fromCoroutine(self._stop_port(port)))
-        if self._committing is not None:
-            waits.append(self._committing)
+        for group in (self._commits, self._removals):
+            if group.running is not None:
+                waits.append(group.running)
         # Attempts under way finish, so their envelopes are rewritten; the
         # outbound client's timeouts bound the wait.
         waits += list(self._in_flight.values())
@@ -484,10 +637,9 @@ class Spool(Service):
 
     def _store_new(self, message: QueuedMessage, content: bytes) -> Deferred[str]:
         message_id = message.message_id
-        written = self._after_recovery().addCallback(
-            lambda _: self._run_io(lambda: self.store.write_temp(message, content))
+        committed = self._after_recovery().addCallback(
+            lambda _: self._commits.submit((message, content))
         )
-        committed = written.addCallback(lambda _: self._join_commit(message_id))
 
         def accepted(_: None) -> str:
             sender = message.reverse_path or ""
@@ -498,6 +650,7 @@ class Spool(Service):
                 nrcpt=len(message.recipients),
                 size=message.size,
             )
+            self._keep_fresh(message, content)
             self.schedule.put(message_id, message.next_attempt)
             self._run_due()
             return message_id
@@ -511,29 +664,22 @@ class Spool(Service):
 
         return committed.addCallbacks(accepted, failed)
 
-    def _join_commit(self, message_id: str) -> Deferred[None]:
-        waiting: Deferred[None] = Deferred()
-        self._to_commit.append((message_id, waiting))
-        if self._committing is None:
-            self._commit_batch()
-        return waiting
+    def _keep_fresh(self, message: QueuedMessage, content: bytes) -> None:
+        """Keep a just-stored message for its first attempt, within the bound."""
+        if len(content) > FRESH_CONTENT_LIMIT:
+            return
+        self._fresh[message.message_id] = (message, content)
+        self._fresh_size += len(content)
+        while self._fresh_size > FRESH_CONTENT_LIMIT:
+            _, (_, dropped) = self._fresh.popitem(last=False)
+            self._fresh_size -= len(dropped)
 
-    def _commit_batch(self) -> None:
-        batch, self._to_commit = self._to_commit, []
-        ids = [message_id for message_id, _ in batch]
-
-        def settle(result: Failure | None) -> None:
-            self._committing = None
-            for _, waiting in batch:
-                if isinstance(result, Failure):
-                    waiting.errback(result)
-                else:
-                    waiting.callback(None)
-            if self._to_commit:
-                self._commit_batch()
-
-        self._committing = self._run_io(lambda: self.store.commit(ids))
-        self._committing.addBoth(settle)
+    def _take_fresh(self, message_id: str) -> tuple[QueuedMessage, bytes] | None:
+        """The kept envelope and content of a message, no longer kept."""
+        fresh = self._fresh.pop(message_id, None)
+        if fresh is not None:
+            self._fresh_size -= len(fresh[1])
+        return fresh
 
     # Scheduling.
 
@@ -606,14 +752,18 @@ class Spool(Service):
     async def _attempt(self, message_id: str) -> None:
         if message_id not in self.schedule:
             return
+        # A fresh message's first attempt needs nothing from disk.
+        fresh = self._take_fresh(message_id)
         try:
-            message, content = await self._run_io(
-                lambda: self.store.load_with_content(message_id)
-            )
+            if fresh is None:
+                fresh = await self._run_io(
+                    lambda: self.store.load_with_content(message_id)
+                )
         except FileNotFoundError:
             log.warn("queued message {message_id} vanished", message_id=message_id)
             self.schedule.remove(message_id)
             return
+        message, content = fresh
         if message.hold:
             self.schedule.put(message_id, message.next_attempt, hold=True)
             return
@@ -751,7 +901,7 @@ class Spool(Service):
             self.schedule.put(message.message_id, message.next_attempt)
             return
 
-        await self._run_io(lambda: self.store.remove(message.message_id))
+        await self._removals.submit(message.message_id)
         self.schedule.remove(message.message_id)
         maillog.info("removed {message_id}", message_id=message.message_id)
 
@@ -930,6 +1080,8 @@ class Spool(Service):
     def _set_hold(self, message_id: str, hold: bool) -> Deferred[None]:
         async def change() -> None:
             self._known(message_id)
+            # The envelope on disk is the one to change from now on.
+            self._take_fresh(message_id)
             message = await self._run_io(lambda: self.store.load(message_id))
             message.hold = hold
             if not hold:
@@ -947,7 +1099,8 @@ class Spool(Service):
 
         async def remove() -> None:
             self._known(message_id)
-            await self._run_io(lambda: self.store.remove(message_id))
+            self._take_fresh(message_id)
+            await self._removals.submit(message_id)
             self.schedule.remove(message_id)
             maillog.info("deleted {message_id}", message_id=message_id)
 

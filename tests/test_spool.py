@@ -252,47 +252,60 @@ class ManualIO:
 
 
 def test_enqueue_fires_only_after_the_rename(tmp_path: Path, clock: Clock) -> None:
-    """The queue id is not given before the envelope is renamed into place."""
+    """The queue id is given only once the envelope is renamed into place and
+    that rename is durable, not at any earlier step of the commit."""
     io = ManualIO()
-    spool = make_spool(tmp_path, clock, ScriptedAgent(clock), run_io=io)
     fired: list[str] = []
-    spool.enqueue(envelope("bob"), CONTENT).addCallback(fired.append)
+    seen: list[tuple[str, int, list[str]]] = []
 
-    io.run_next()  # The temporary files are written.
+    def hook(point: str) -> None:
+        seen.append((point, len(fired), queued_ids(tmp_path)))
+
+    spool = make_spool(
+        tmp_path, clock, ScriptedAgent(clock), run_io=io, fault_hook=hook
+    )
+    spool.enqueue(envelope("bob"), CONTENT).addCallback(fired.append)
     assert fired == []
     assert queued_ids(tmp_path) == []
 
-    io.run_next()  # The group commit renames them into place.
+    io.run_next()  # The group commit: written, synced, renamed, synced.
     assert len(fired) == 1
-    assert queued_ids(tmp_path) == fired
+    assert [(point, count) for point, count, _ in seen] == [
+        ("written", 0),
+        ("synced", 0),
+        ("content-renamed", 0),
+        ("content-committed", 0),
+        ("envelope-renamed", 0),
+        ("committed", 0),
+    ]
+    assert [ids for point, _, ids in seen if point == "envelope-renamed"] == [fired]
 
 
 def test_messages_arriving_together_share_one_commit(
-    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, clock: Clock
 ) -> None:
-    """Messages written while a commit runs are committed together in the next."""
+    """Messages arriving while a commit runs are committed together in the next."""
     io = ManualIO()
-    spool = make_spool(tmp_path, clock, ScriptedAgent(clock), run_io=io)
-    batches: list[list[str]] = []
-    original = spool.store.commit
+    committed: list[int] = []
 
-    def commit(ids: list[str]) -> None:
-        batches.append(list(ids))
-        original(ids)
+    def hook(point: str) -> None:
+        if point == "committed":
+            committed.append(len(queued_ids(tmp_path)))
 
-    monkeypatch.setattr(spool.store, "commit", commit)
+    spool = make_spool(
+        tmp_path, clock, ScriptedAgent(clock), run_io=io, fault_hook=hook
+    )
     fired: list[str] = []
     for name in ("a", "b", "c"):
         spool.enqueue(envelope(name), CONTENT).addCallback(fired.append)
+    assert len(io.jobs) == 1  # a's commit started alone; b and c wait.
 
-    io.run_next()  # a written, its commit starts alone.
-    io.run_next()  # b written, waits for a's commit.
-    io.run_next()  # c written, waits too.
     io.run_next()  # a's commit.
     assert len(fired) == 1
-    io.run_next()  # b and c in one commit.
+    assert len(io.jobs) == 1  # One commit for b and c.
+    io.run_next()
     assert len(fired) == 3
-    assert [len(batch) for batch in batches] == [1, 2]
+    assert committed == [1, 3]
 
 
 def test_enqueue_fails_with_451_when_storage_fails(
@@ -856,6 +869,6 @@ def test_enqueue_waits_for_recovery_to_finish(tmp_path: Path, clock: Clock) -> N
     assert len(io.jobs) == 1  # Only the recovery scan.
 
     io.run_next()  # Recovery.
-    io.run_next()  # The message's temporary files.
-    io.run_next()  # Its commit.
+    assert fired == []
+    io.run_next()  # The message's group commit.
     assert queued_ids(tmp_path) == fired

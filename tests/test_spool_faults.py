@@ -35,8 +35,21 @@ from mailx.spool import RecipientResult, Spool, SpoolStore, synchronous_io
 
 _T = TypeVar("_T")
 
-# Every point at which SpoolStore calls its fault hook.
-POINTS = ("written", "content-committed", "committed", "rewrite", "rewritten", "remove")
+# Every point at which SpoolStore calls its fault hook, in the order the relay
+# scenario meets them: before and after each of the group commit's three
+# syncs, around an envelope rewrite, and before and after a removal's sync.
+POINTS = (
+    "written",
+    "synced",
+    "content-renamed",
+    "content-committed",
+    "envelope-renamed",
+    "committed",
+    "rewrite",
+    "rewritten",
+    "remove",
+    "removed",
+)
 
 SENDER = Address("alice", "example.org")
 BOB = Address("bob", "example.com")
@@ -252,14 +265,19 @@ def assert_gone_or_whole(recovered: Recovered) -> None:
 RELAY_EXPECTED = {
     # Not yet committed: no 250 was sent, recovery removes the files.
     "written": (False, set()),
+    "synced": (False, set()),
+    "content-renamed": (False, set()),
     "content-committed": (False, set()),
     # The envelope is in place, the 250 not yet sent: kept, delivered once.
+    "envelope-renamed": (True, set()),
     "committed": (True, set()),
     # RFC 5321 section 6.1: bob was delivered, the rewrite not yet renamed.
     "rewrite": (True, {BOB}),
     "rewritten": (True, set()),
     # Carol was delivered, the envelope not yet removed.
     "remove": (True, {CAROL}),
+    # The envelope is gone for good; recovery removes the content.
+    "removed": (False, set()),
 }
 
 
@@ -284,7 +302,9 @@ def test_crash_in_relay_leaves_no_message_or_a_whole_one(
         assert before | after == {BOB, CAROL}
     else:
         assert before | after == set()
-    assert ("M1" in image.acknowledged) is (POINTS.index(point) > 2)
+    assert ("M1" in image.acknowledged) is (
+        POINTS.index(point) > POINTS.index("committed")
+    )
     for content in recovered.agent.contents.get("M1", []):
         assert content == CONTENT
 
@@ -326,18 +346,28 @@ def test_relay_scenario_reaches_every_fault_point(tmp_path: Path) -> None:
 BOUNCE_REPORTS = {
     # M2 not committed: no 250, nothing to report.
     ("written", 0): 0,
+    ("synced", 0): 0,
+    ("content-renamed", 0): 0,
     ("content-committed", 0): 0,
-    # M2 committed (and acknowledged from the second point on).
+    # M2 committed (and acknowledged after "committed").
+    ("envelope-renamed", 0): 1,
     ("committed", 0): 1,
     # The report half written: removed; M2's retry reports once.
     ("written", 1): 1,
+    ("synced", 1): 1,
+    ("content-renamed", 1): 1,
     ("content-committed", 1): 1,
     # The report committed but not sent: it goes out, and M2's retry too.
+    ("envelope-renamed", 1): 2,
     ("committed", 1): 2,
     # The report sent, not yet removed: sent again, and M2's retry reports.
     ("remove", 0): 3,
+    # The report removed, M2 not: M2's retry reports a second time.
+    ("removed", 0): 2,
     # M2 not yet removed: its retry reports a second time.
     ("remove", 1): 2,
+    # M2 removed for good: the one report is all.
+    ("removed", 1): 1,
 }
 
 
