@@ -728,7 +728,12 @@ class _ContentProducer:
 
 
 class SMTPClientProtocol(Protocol):
-    """Connects a ``ClientSession`` to a transport, with per-phase timeouts."""
+    """
+    Connects a ``ClientSession`` to a transport, with per-phase timeouts.
+    The TLS options are ``tls_options``, or what ``tls_options_factory``
+    returns; it is called only when the session starts TLS, so a session
+    with a peer that offers no STARTTLS never builds any.
+    """
 
     def __init__(
         self,
@@ -736,12 +741,15 @@ class SMTPClientProtocol(Protocol):
         clock: Scheduler,
         timeouts: Timeouts,
         tls_options: Any = None,
+        *,
+        tls_options_factory: Callable[[], Any] | None = None,
     ) -> None:
         self.session = session
         self.done: Deferred[SessionOutcome] = Deferred()
         self._clock = clock
         self._timeouts = timeouts
         self._tls_options = tls_options
+        self._tls_options_factory = tls_options_factory
         self._timer: IDelayedCall | None = None
         self._producer: _ContentProducer | None = None
 
@@ -775,7 +783,10 @@ class SMTPClientProtocol(Protocol):
             if isinstance(action, Send):
                 self.transport.write(action.data)  # type: ignore[union-attr]
             elif isinstance(action, StartTLS):
-                self.transport.startTLS(self._tls_options)  # type: ignore[union-attr]
+                options = self._tls_options
+                if self._tls_options_factory is not None:
+                    options = self._tls_options_factory()
+                self.transport.startTLS(options)  # type: ignore[union-attr]
                 self._perform(self.session.tls_started())
             elif isinstance(action, StreamContent):
                 self._producer = _ContentProducer(self, action.blocks)

@@ -26,12 +26,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import (
+    CertificateOptions,
+    optionsForClientTLS,
+    platformTrust,
 )
 from twisted.logger import Logger
 
@@ -59,6 +61,25 @@ log = Logger()
 SMTP_PORT = 25
 # The issue's bound on hosts and addresses tried per attempt.
 DEFAULT_MAX_HOSTS = 5
+# Verified-TLS client options kept, one per next-hop host name (our choice:
+# far more hosts than a tls_policy names; beyond it the cache starts over).
+MAX_CACHED_TLS_HOSTS = 1000
+
+
+class _OneConnection(Factory):
+    """
+    Builds the one protocol it was given.  Quiet, unlike the factory of
+    ``connectProtocol``, which writes a "Starting factory" and a "Stopping
+    factory" line to the debug log for every outbound connection.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: SMTPClientProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> SMTPClientProtocol:
+        return self._protocol
 
 
 class OutboundAgent:
@@ -93,6 +114,9 @@ class OutboundAgent:
         self._timeouts = timeouts or Timeouts()
         self._tls_policy = {k.lower(): v for k, v in (tls_policy or {}).items()}
         self._trust_root = tls_trust_root
+        # TLS client options, built when a session first needs them.
+        self._opportunistic_tls: CertificateOptions | None = None
+        self._verified_tls: dict[str, Any] = {}
         self._allow_literals = allow_literals
         if resolver is None:
             resolver = make_dns_resolver(reactor, dns_servers)
@@ -252,11 +276,14 @@ class OutboundAgent:
         port = self._smarthost[1] if self._smarthost else self._port
         session = ClientSession(self._hostname, transaction, mode, self._auth)
         protocol = SMTPClientProtocol(
-            session, self._reactor, self._timeouts, self._tls_options(host, mode)
+            session,
+            self._reactor,
+            self._timeouts,
+            tls_options_factory=lambda: self._tls_options(host, mode),
         )
         endpoint = self._endpoint(address, port)
         try:
-            await connectProtocol(endpoint, protocol)
+            await endpoint.connect(_OneConnection(protocol))
         except Exception as reason:
             self.health.mark_down(address)
             failure = replies.CONNECT_FAILED.with_text(
@@ -279,11 +306,20 @@ class OutboundAgent:
         return TCP4ClientEndpoint(self._reactor, address, port, timeout=timeout)
 
     def _tls_options(self, host: str, mode: TLSMode) -> Any:
+        """The client options for ``mode``, built once and then reused."""
         if mode is TLSMode.VERIFY:
-            trust = self._trust_root or ssl.platformTrust()  # type: ignore[no-untyped-call]
-            return ssl.optionsForClientTLS(host, trustRoot=trust)
-        # RFC 7435: opportunistic TLS encrypts without authenticating.
-        return ssl.CertificateOptions()
+            options = self._verified_tls.get(host)
+            if options is None:
+                if len(self._verified_tls) >= MAX_CACHED_TLS_HOSTS:
+                    self._verified_tls.clear()
+                trust = self._trust_root or platformTrust()  # type: ignore[no-untyped-call]
+                options = optionsForClientTLS(host, trustRoot=trust)
+                self._verified_tls[host] = options
+            return options
+        if self._opportunistic_tls is None:
+            # RFC 7435: opportunistic TLS encrypts without authenticating.
+            self._opportunistic_tls = CertificateOptions()
+        return self._opportunistic_tls
 
     def _log_outcome(
         self,

@@ -440,6 +440,32 @@ class TestProtocol:
         assert transport.tls_options == ["opts"]
         assert transport.value() == b"EHLO me\r\n"
 
+    def test_tls_options_are_built_only_for_starttls(self) -> None:
+        """The options factory is called when TLS starts, and never for a peer
+        that does not offer STARTTLS."""
+        built: list[str] = []
+
+        def factory() -> str:
+            built.append("built")
+            return "lazy"
+
+        plain = b"220 hi\r\n250-peer\r\n250 PIPELINING\r\n"
+        with_tls = b"220 hi\r\n250-peer\r\n250 STARTTLS\r\n"
+        for greeting, expected in ((plain, []), (with_tls, ["lazy"])):
+            protocol = SMTPClientProtocol(
+                ClientSession("me", transaction("a@d")),
+                Clock(),
+                Timeouts(),
+                tls_options_factory=factory,
+            )
+            transport = TLSStringTransport()
+            protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
+            protocol.dataReceived(greeting)
+            if greeting is with_tls:
+                protocol.dataReceived(b"220 go\r\n")
+            assert transport.tls_options == expected
+        assert built == ["built"]
+
     def test_done_fires_after_quit_reply_and_close(self) -> None:
         """The outcome is given once QUIT is answered and the connection ends."""
         protocol, transport, _ = connect(ClientSession("me", transaction("a@d")))

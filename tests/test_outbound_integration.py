@@ -12,11 +12,12 @@ import random
 from typing import Any
 
 import pytest
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from mailx import outbound
 from mailx.address import Address
 from mailx.client import Timeouts
 from mailx.envelope import Body, Envelope, Recipient, Route
@@ -537,6 +538,29 @@ class SessionTests(OutboundTestCase):
         )
 
 
+class DebugLogTests(OutboundTestCase):
+    async def test_connections_leave_no_factory_lines(self) -> None:
+        """An outbound connection writes no "Starting factory" or "Stopping
+        factory" line to the debug log; the mail log line is still written."""
+        lines: list[str] = []
+
+        @implementer(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            lines.append(formatEvent(event) or "")
+
+        agent = self.start({"127.0.0.6": Script()})
+        # Only from here on: starting the peer logs its own factory.
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+        results = await self.send(agent, ["b@nomx.test"])
+
+        assert self.codes(results) == ["250 2.0.0"]
+        assert not [line for line in lines if "factory" in line.lower()]
+        assert len(self.log) == 1
+        assert "relay=nomx.test[127.0.0.6]" in self.log[0]
+
+
 class TLSTests(OutboundTestCase):
     def setUp(self) -> None:
         super().setUp()
@@ -600,6 +624,53 @@ class TLSTests(OutboundTestCase):
         agent = self.start({"127.0.0.10": Script()}, tls_policy={"tls.test": "verify"})
         results = await self.send(agent, ["b@tls.test"])
         assert self.codes(results) == ["451 4.7.5"]
+
+    async def test_tls_options_are_built_once_when_first_needed(self) -> None:
+        """Sessions with a peer without STARTTLS build no TLS options; every
+        session with a STARTTLS peer uses TLS with options built only once."""
+        built: list[Any] = []
+        real = ssl.CertificateOptions
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            built.append(real(*args, **kwargs))
+            return built[-1]
+
+        self.patch(outbound, "CertificateOptions", counting)  # type: ignore[no-untyped-call]
+        scripts = {
+            "127.0.0.6": Script(),
+            "127.0.0.10": Script(tls_pem=self.identity.server_pem),
+        }
+        agent = self.start(scripts)
+
+        for _ in range(2):
+            assert self.codes(await self.send(agent, ["b@nomx.test"])) == ["250 2.0.0"]
+        assert built == []
+        for _ in range(3):
+            assert self.codes(await self.send(agent, ["b@tls.test"])) == ["250 2.0.0"]
+        assert len(built) == 1
+        assert [m.tls for m in self.peers.peer("127.0.0.10").messages] == [True] * 3
+
+    async def test_verified_tls_options_are_kept_per_host(self) -> None:
+        """Under a verify policy every session to a host verifies and delivers,
+        with that host's options built once."""
+        built: list[str] = []
+        real = ssl.optionsForClientTLS
+
+        def counting(hostname: str, **kwargs: Any) -> Any:
+            built.append(hostname)
+            return real(hostname, **kwargs)
+
+        self.patch(outbound, "optionsForClientTLS", counting)  # type: ignore[no-untyped-call]
+        agent = self.start(
+            {"127.0.0.10": Script(tls_pem=self.identity.server_pem)},
+            tls_policy={"tls.test": "verify"},
+            tls_trust_root=self.identity.trust_root(),
+        )
+
+        for _ in range(2):
+            assert self.codes(await self.send(agent, ["b@tls.test"])) == ["250 2.0.0"]
+        assert built == ["mx.tls.test"]
+        assert [m.tls for m in self.peers.peer("127.0.0.10").messages] == [True] * 2
 
     async def test_smarthost_with_auth(self) -> None:
         """A smarthost replaces MX lookup and gets AUTH PLAIN over TLS."""
