@@ -416,6 +416,15 @@ class GroupJob(Generic[_Item, _Result]):
         self._waiting: list[tuple[_Item, Deferred[_Result]]] = []
         # Fires when the batch under way is done; None when none is.
         self.running: Deferred[None] | None = None
+        self._drain_waiters: list[Deferred[None]] = []
+
+    def drained(self) -> Deferred[None]:
+        """Fire once no batch is under way and no item waits."""
+        if self.running is None and not self._waiting:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._drain_waiters.append(waiter)
+        return waiter
 
     def submit(self, item: _Item) -> Deferred[_Result]:
         """Fire with the item's result once its batch is done."""
@@ -449,6 +458,10 @@ class GroupJob(Generic[_Item, _Result]):
             running.callback(None)
             if self._waiting and self.running is None:
                 self._next_batch()
+            elif self.running is None:
+                waiters, self._drain_waiters = self._drain_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
 
         work = self._run_io(lambda: self._work(items))
         work.addCallbacks(report, failed).addBoth(finished)
@@ -602,13 +615,13 @@ class Spool(Service):
         if self._control_port is not None:
             port, self._control_port = self._control_port, None
             waits.append(Deferred.fromCoroutine(self._stop_port(port)))
-        for group in (self._commits, self._removals):
-            if group.running is not None:
-                waits.append(group.running)
         # Attempts under way finish, so their envelopes are rewritten; the
-        # outbound client's timeouts bound the wait.
+        # outbound client's timeouts bound the wait.  Then the group commit
+        # and the removals they started are let finish.
         waits += list(self._in_flight.values())
         done: Deferred[Any] = gatherResults(waits, consumeErrors=True)
+        done.addBoth(lambda _: self._commits.drained())
+        done.addBoth(lambda _: self._removals.drained())
         return done.addBoth(self._stop_pool)
 
     async def _stop_port(self, port: IListeningPort) -> None:
@@ -901,9 +914,21 @@ class Spool(Service):
             self.schedule.put(message.message_id, message.next_attempt)
             return
 
-        await self._removals.submit(message.message_id)
-        self.schedule.remove(message.message_id)
-        maillog.info("removed {message_id}", message_id=message.message_id)
+        # The attempt ends here and frees its place for the next message; the
+        # removal joins the next batch.  Until it is durable a crash leaves
+        # the message queued, to be sent again (RFC 5321 section 6.1).
+        message_id = message.message_id
+        self.schedule.remove(message_id)
+
+        def removed(_: bool) -> None:
+            maillog.info("removed {message_id}", message_id=message_id)
+
+        def failed(failure: Failure) -> None:
+            log.failure("could not remove {id}", failure, id=message_id)
+            self.schedule.put(message_id, self._now() + self.policy.min_retry)
+            self._run_due()
+
+        self._removals.submit(message_id).addCallbacks(removed, failed)
 
     # Notifications.
 

@@ -7,8 +7,10 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from mailx import replies
 from mailx.address import Address
@@ -346,6 +348,28 @@ class TLSStringTransport(StringTransport):
         super().abortConnection()  # type: ignore[no-untyped-call]
 
 
+@implementer(ITCPTransport)
+class TCPStringTransport(StringTransport):
+    """A StringTransport that says it is TCP and records TCP_NODELAY."""
+
+    no_delay: bool | None = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self.no_delay)
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def loseWriteConnection(self) -> None:
+        pass
+
+
 def connect(
     session: ClientSession, timeouts: Timeouts | None = None
 ) -> tuple[SMTPClientProtocol, Any, Clock]:
@@ -439,6 +463,16 @@ class TestProtocol:
         protocol.dataReceived(b"220 go\r\n")
         assert transport.tls_options == ["opts"]
         assert transport.value() == b"EHLO me\r\n"
+
+    def test_nagle_is_off_on_tcp_connections(self) -> None:
+        """On a TCP connection the client sets TCP_NODELAY, so the end-of-data
+        line is not held back behind the content block's unacknowledged octets."""
+        protocol = SMTPClientProtocol(
+            ClientSession("me", transaction("a@d")), Clock(), Timeouts()
+        )
+        transport = TCPStringTransport()  # type: ignore[no-untyped-call]
+        protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
+        assert transport.no_delay is True
 
     def test_tls_options_are_built_only_for_starttls(self) -> None:
         """The options factory is called when TLS starts, and never for a peer
