@@ -7,10 +7,12 @@ attempt of a fresh message served from memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from mailx import durable, replies, spool
@@ -19,6 +21,7 @@ from mailx.replies import Reply, ReplyError
 from mailx.spool import SpoolStore, synchronous_io
 from tests.test_spool import (
     CONTENT,
+    MailLogObserver,
     ManualIO,
     ScriptedAgent,
     envelope,
@@ -31,6 +34,15 @@ from tests.test_spool import (
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+@pytest.fixture
+def mail_log() -> Iterator[list[str]]:
+    """The mail log lines emitted during a test."""
+    observer = MailLogObserver()
+    globalLogPublisher.addObserver(observer)
+    yield observer.lines
+    globalLogPublisher.removeObserver(observer)
 
 
 def listing(path: Path) -> list[str]:
@@ -237,3 +249,37 @@ def test_fresh_messages_beyond_the_bound_are_read_from_disk(
         ("F2", CONTENT),
         ("F3", CONTENT),
     ]
+
+
+def test_a_delivered_message_frees_its_slot_before_its_removal(
+    tmp_path: Path, clock: Clock, mail_log: list[str]
+) -> None:
+    """Once delivered, a message lets the next one go out while its removal
+    waits to be made durable; "removed" is logged, and the spool stops, only
+    once the removals are done."""
+    io = ManualIO()
+    agent = ScriptedAgent(clock)
+    queue = make_spool(tmp_path, clock, agent, run_io=io, max_parallel=1)
+    queue.startService()
+    io.run_next()  # Recovery.
+    queue.enqueue(envelope("bob", message_id="R1"), CONTENT)
+    io.run_next()  # R1's commit; R1 is delivered, its removal waits.
+    queue.enqueue(envelope("bob", message_id="R2"), CONTENT)
+    work, done = io.jobs.pop(1)  # R2's commit, ahead of R1's removal.
+    done.callback(work())
+
+    assert [call.envelope.message_id for call in agent.calls] == ["R1", "R2"]
+    assert queued_ids(tmp_path) == ["R1", "R2"]
+    assert not [line for line in mail_log if line.startswith("removed")]
+
+    stopped: list[None] = []
+    queue.stopService().addCallback(stopped.append)
+    io.run_next()  # R1's removal.
+    assert stopped == []
+    io.run_next()  # R2's removal.
+    assert queued_ids(tmp_path) == []
+    assert [line for line in mail_log if line.startswith("removed")] == [
+        "removed R1",
+        "removed R2",
+    ]
+    assert stopped == [None]
