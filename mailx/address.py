@@ -206,6 +206,9 @@ def parse_parameters(text: str) -> dict[str, str | None]:
             raise _fail(replies.SYNTAX_ERROR, f"malformed parameter {item!r}")
         if equals and not _ESMTP_VALUE.fullmatch(value):
             raise _fail(replies.SYNTAX_ERROR, f"malformed value for {keyword}")
+        # RFC 5321 section 4.1.2 and the extensions: a parameter appears once.
+        if keyword.upper() in parameters:
+            raise _fail(replies.SYNTAX_ERROR, f"{keyword.upper()} given twice")
         parameters[keyword.upper()] = value if equals else None
     return parameters
 

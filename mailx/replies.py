@@ -178,3 +178,8 @@ DELIVERY_EXPIRED = Reply(554, "5.4.7", "Delivery time expired: queue lifetime ex
 # Submission (mailx/policy.py): an authenticated user's reverse path that the
 # users file does not give it (RFC 6409 section 6.1; RFC 3463 X.7.1).
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
+
+# RFC 3030 section 2: a BDAT chunk larger than the message size limit.
+CHUNK_TOO_BIG = Reply(
+    552, "5.3.4", "BDAT chunk exceeds the message size limit; closing connection"
+)

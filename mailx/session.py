@@ -537,7 +537,7 @@ class Session:
                 self.state = State.MAIL
                 self._reply(reply)
             else:
-                self._log_reject("MAIL", reply, envelope.reverse_path, None)
+                self._log_reject("MAIL", reply, envelope.reverse_path, [])
                 self._error(reply)
 
         deferred.addCallback(answered)
@@ -619,7 +619,7 @@ class Session:
                 self._reply(decision.reply)
             else:
                 self._log_reject(
-                    "RCPT", decision.reply, envelope.reverse_path, forward_path
+                    "RCPT", decision.reply, envelope.reverse_path, [forward_path]
                 )
                 self._error(decision.reply)
 
@@ -658,8 +658,14 @@ class Session:
         if not words[0].isdigit():
             self._error(replies.SYNTAX_ERROR.with_text("BDAT size must be a number"))
             return
+        size = int(words[0])
+        if size > self.config.max_message_size:
+            # RFC 3030 section 2 would have the chunk read and dropped; one
+            # larger than any message we accept is not worth reading.
+            self._close_with(replies.CHUNK_TOO_BIG)
+            return
         # RFC 3030 section 2: the chunk is read even when the command fails.
-        self._chunk_remaining = int(words[0])
+        self._chunk_remaining = size
         self._chunk_last = last
         self._chunk_discard = False
         if self.state in (State.INITIAL, State.READY):
@@ -717,7 +723,12 @@ class Session:
         self._reply(replies.CANNOT_VERIFY)
 
     def _help(self, argument: str) -> None:
-        self._reply(replies.HELP)
+        commands = "EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
+        if self.config.tls_available and not self.client.tls:
+            commands += " STARTTLS"
+        if self._auth_offered():
+            commands += " AUTH"
+        self._reply(replies.HELP.with_text(f"Commands: {commands}\nSee RFC 5321"))
 
     def _expn(self, argument: str) -> None:
         self._reply(replies.NOT_IMPLEMENTED)
@@ -831,8 +842,12 @@ class Session:
 
     def _reject_message(self, reply: Reply) -> None:
         envelope = self.envelope
+        recipients = [] if envelope is None else envelope.recipients
         self._log_reject(
-            "DATA", reply, envelope.reverse_path if envelope else None, None
+            "DATA",
+            reply,
+            envelope.reverse_path if envelope else None,
+            [r.address for r in recipients],
         )
         self._reset_transaction()
         self.state = State.READY
@@ -870,7 +885,8 @@ class Session:
                 )
                 reply = reply.with_text(f"{reply.text} queued as {envelope.message_id}")
             else:
-                self._log_reject("DATA", reply, envelope.reverse_path, None)
+                recipients = [r.address for r in envelope.recipients]
+                self._log_reject("DATA", reply, envelope.reverse_path, recipients)
             self._reply(reply)
 
         def failed(failure: Failure) -> None:
@@ -913,7 +929,7 @@ class Session:
         command: str,
         reply: Reply,
         reverse_path: Address | None,
-        forward_path: Address | None,
+        forward_paths: list[Address],
     ) -> None:
         maillog.info(
             "reject: {command} from [{client_address}]: {reply}; "
@@ -922,7 +938,7 @@ class Session:
             client_address=self.client.address,
             reply=str(reply),
             sender=_path_text(reverse_path),
-            recipient="" if forward_path is None else str(forward_path),
+            recipient=">,<".join(str(path) for path in forward_paths),
         )
 
 

@@ -8,6 +8,8 @@ parsed, so a bad start says one clear thing and starts nothing.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 from collections.abc import Callable
 from typing import IO, Any, ClassVar, TypeVar, cast
@@ -16,6 +18,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
@@ -57,27 +60,79 @@ class Options(usage.Options):
     tls: ReloadableContext | None
     mailboxes: local_recipients.LocalRecipients
     users: auth.Users
+    queue_lock: IO[str]
 
     def postOptions(self) -> None:
+        # One line naming the problem, not twistd's usage text: a refused
+        # start says what to fix and starts nothing.
         try:
-            self.config = load_config(self["config"])
-            self.mailboxes = local_recipients.LocalRecipients(self.config)
-            self.users = auth.load_users(self.config.auth.users_file)
+            self._prepare()
         except (ConfigError, auth.UsersFileError) as error:
-            raise usage.UsageError(f"configuration: {error}") from None
+            raise SystemExit(f"mailx: configuration: {error}") from None
+        except TLSConfigError as error:
+            raise SystemExit(f"mailx: configuration: tls: {error}") from None
+
+    def _prepare(self) -> None:
+        self.config = load_config(self["config"])
+        self.mailboxes = local_recipients.LocalRecipients(self.config)
+        self.users = auth.load_users(self.config.auth.users_file)
         self.tls = None
         if self.config.tls.enabled:
-            try:
-                self.tls = ReloadableContext(
-                    self.config.tls.certificate, self.config.tls.key
-                )
-            except TLSConfigError as error:
-                raise usage.UsageError(f"configuration: tls: {error}") from None
-        if self.config.server.smtps and self.tls is None:
-            raise usage.UsageError(
-                "configuration: server.smtps: implicit TLS needs tls.certificate"
-                " and tls.key"
+            self.tls = ReloadableContext(
+                self.config.tls.certificate, self.config.tls.key
             )
+        if self.config.server.smtps and self.tls is None:
+            raise ConfigError(
+                "server.smtps: implicit TLS needs tls.certificate and tls.key"
+            )
+        _check_writable_directory("mailboxes.root", self.config.mailboxes.root)
+        _check_writable_directory("queue.directory", self.config.queue.directory)
+        control = os.path.dirname(self.config.server.control_socket) or "."
+        _check_writable_directory("server.control_socket", control)
+        if self.config.log.mail_log:
+            _check_writable_file("log.mail_log", self.config.log.mail_log)
+        self.queue_lock = _lock_queue(self.config.queue.directory)
+
+
+def _check_writable_directory(key: str, path: str) -> None:
+    """Create ``path`` if missing; it must be a directory mailx can write."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot create {path!r}: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path!r} is not writable")
+
+
+def _check_writable_file(key: str, path: str) -> None:
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot open {path!r}: {error.strerror}") from None
+
+
+def _lock_queue(directory: str) -> IO[str]:
+    """
+    Hold a lock on the queue directory for as long as this process runs: two
+    servers on one queue would deliver every message twice.
+    """
+    path = os.path.join(directory, "lock")
+    lock = open(path, "a+", encoding="ascii")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(
+            f"queue.directory: {directory!r} is in use by another mailx ({holder})"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 class MailxService(MultiService):
@@ -90,6 +145,16 @@ class MailxService(MultiService):
         self.factories: list[SMTPServerFactory] = []
         self._mail_log: ILogObserver | None = None
         self._mail_log_file: IO[str] | None = None
+
+    def privilegedStartService(self) -> None:
+        # Listeners bind here, before twistd drops privileges.
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except CannotListenError as error:
+            raise SystemExit(
+                f"mailx: cannot listen on {error.interface or '*'}:{error.port}:"
+                f" {error.socketError}"
+            ) from None
 
     def startService(self) -> None:
         if self.config.log.mail_log:

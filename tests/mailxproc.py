@@ -74,22 +74,43 @@ class MailxProcess:
             return []
         return [path.read_bytes() for path in sorted(new.iterdir())]
 
-    def start(self) -> None:
-        (self.workdir / "mailx.toml").write_text(self.config_text)
+    def _command(self) -> list[str]:
+        return [
+            str(Path(sys.executable).parent / "twistd"),
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={self.log_path}",
+            "mailx",
+            "--config",
+            "mailx.toml",
+        ]
+
+    def _environment(self) -> dict[str, str]:
         environment = dict(os.environ)
         environment["PYTHONPATH"] = str(PROJECT)
-        self.process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "twistd"),
-                "--nodaemon",
-                "--pidfile=",
-                f"--logfile={self.log_path}",
-                "mailx",
-                "--config",
-                "mailx.toml",
-            ],
+        return environment
+
+    def run_refused(self) -> str:
+        """Start a server that must refuse to start; return what it printed."""
+        (self.workdir / "mailx.toml").write_text(self.config_text)
+        finished = subprocess.run(
+            self._command(),
             cwd=self.workdir,
-            env=environment,
+            env=self._environment(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
+        assert finished.returncode != 0, "mailx started, and should not have"
+        return (finished.stdout + finished.stderr).decode(errors="replace") + self.log()
+
+    def start(self) -> None:
+        (self.workdir / "mailx.toml").write_text(self.config_text)
+        self.process = subprocess.Popen(
+            self._command(),
+            cwd=self.workdir,
+            env=self._environment(),
             stdin=subprocess.DEVNULL,
             # twistd prints a refused start (usage errors) on standard output.
             stdout=subprocess.PIPE,

@@ -148,3 +148,33 @@ def test_bad_configuration_stops_the_start(tmp_path: Path) -> None:
     )
     with pytest.raises(RuntimeError, match=r"limits\.max_sizes"):
         server.start()
+
+
+def test_a_second_server_on_the_same_queue_is_refused(
+    mailx_server: MailxProcess,
+) -> None:
+    """Two servers on one queue would deliver twice: the second does not start."""
+    port = free_port()
+    second = MailxProcess(mailx_server.workdir, basic_config(port), port=port)
+    output = second.run_refused()
+    assert re.search(r"queue\.directory: .* in use by another mailx \(pid", output)
+    assert mailx_server.process is not None
+    assert mailx_server.process.poll() is None
+
+
+def test_unusable_paths_and_ports_stop_the_start(
+    tmp_path: Path, mailx_server: MailxProcess
+) -> None:
+    """A mail log that cannot be opened, or a port in use, is one clear line."""
+    port = free_port()
+    log = '[log]\nmail_log = "/nonexistent/mail.log"\n'
+    server = MailxProcess(tmp_path / "a", basic_config(port, extra=log), port=port)
+    output = server.run_refused()
+    assert "mailx: configuration: log.mail_log: cannot open" in output
+    assert "Traceback" not in output
+
+    busy_port = mailx_server.port
+    busy = MailxProcess(tmp_path / "b", basic_config(busy_port), port=busy_port)
+    output = busy.run_refused()
+    assert f"mailx: cannot listen on 127.0.0.1:{busy_port}" in output
+    assert "Traceback" not in output

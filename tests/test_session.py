@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+from typing import cast
 
 import pytest
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from mailx.envelope import Body, Route
 from mailx.session import MAX_COMMAND_LINE, Session
@@ -542,3 +544,45 @@ def test_fake_output_refuses_writes_after_close() -> None:
     output.close()
     with pytest.raises(AssertionError):
         output.write(b"x")
+
+
+def test_a_parameter_given_twice_is_refused() -> None:
+    """MAIL with RET twice gets 501 (RFC 3461 section 4.3: at most once)."""
+    session, output, _, _ = make_session()
+    feed(session, b"EHLO c\r\nMAIL FROM:<s@example.net> RET=HDRS RET=FULL\r\n")
+    assert output.replies()[-1].startswith("501 5.5.4 ")
+    assert "RET given twice" in output.replies()[-1]
+
+
+def test_a_chunk_larger_than_any_message_closes_the_session() -> None:
+    """BDAT announcing more than the size limit gets 552 5.3.4 and a close."""
+    session, output, _, _ = make_session(max_message_size=1000)
+    feed(session, STATES["rcpt"] + b"BDAT 99999999999999999999999\r\n")
+    assert output.replies()[-1].startswith("552 5.3.4 ")
+    assert output.closed
+
+
+def test_help_lists_only_what_is_offered() -> None:
+    """HELP names STARTTLS only when a certificate is configured."""
+    session, output, _, _ = make_session()
+    feed(session, b"HELP\r\n")
+    assert "STARTTLS" not in b"".join(output.writes).decode()
+    session, output, _, _ = make_session(tls_available=True)
+    feed(session, b"HELP\r\n")
+    assert "STARTTLS" in b"".join(output.writes).decode()
+
+
+def test_a_refused_message_is_logged_with_its_recipients() -> None:
+    """The mail log names the recipients of a message refused at its end."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        session, _, _, _ = make_session()
+        feed(session, TRANSACTION + b"bare\nLF\r\n.\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    (event,) = [e for e in events if "reject" in str(e.get("log_format"))]
+    assert formatEvent(event).endswith(
+        "from=<sender@example.net> to=<alice@example.org>"
+    )
