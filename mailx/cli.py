@@ -11,6 +11,7 @@ through the server's control socket when the server is up.  When it is not,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -246,7 +247,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(f"mailx: {error}", file=sys.stderr)
         return EX_CONFIG
 
-    tool = QueueTool(config.queue.directory, config.server.control_socket, out)
+    directory = config.queue.directory
+    if not os.path.isdir(directory):
+        print(
+            f"mailx: no queue at {directory!r}; give --config with the server's"
+            " configuration, from the directory the server runs in",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    tool = QueueTool(directory, config.server.control_socket, out)
     try:
         _run(tool, arguments)
     except CommandError as error:

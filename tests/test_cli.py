@@ -64,6 +64,7 @@ def envelope(*local_parts: str) -> Envelope:
 
 
 def write_config(directory: Path) -> str:
+    (directory / "queue").mkdir(exist_ok=True)
     config = directory / "mailx.toml"
     config.write_text(
         f'[queue]\ndirectory = "{directory / "queue"}"\n'
@@ -157,6 +158,17 @@ def test_malformed_id_is_refused(
     status, _ = run("queue", "delete", "../etc", "--config", config)
     assert status != EX_OK
     assert "malformed queue id" in capsys.readouterr().err
+
+
+def test_a_missing_queue_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the server's configuration the command says where it looked."""
+    config = write_config(tmp_path)
+    (tmp_path / "queue").rmdir()
+    status, _ = run("queue", "list", "--config", config)
+    assert status != EX_OK
+    assert "no queue at" in capsys.readouterr().err
 
 
 def test_delete_without_server_removes_files(tmp_path: Path) -> None:
