@@ -21,9 +21,16 @@ reply of its own (RCPT refused, or the final reply after the content), or the
 host-level ``failure`` (421, timeout, dropped connection, MAIL refused, a
 needed extension missing) which sends the recipient on to the next exchange.
 
+A session made with ``reuse=True`` does not QUIT after a transaction the
+next hop accepted: it goes ``IDLE`` and finishes with ``keep_open``, and the
+connection can carry the next transaction (``next_transaction``, straight to
+MAIL: RFC 5321 section 4.1.1.4 ends a transaction at the reply to the end of
+data) or be closed (``close``, QUIT).
+
 ``SMTPClientProtocol`` is the thin Twisted adapter: it feeds the machine,
 performs its actions, arms the RFC 5321 section 4.5.3.2 timeout of each
-phase on the injected clock and fires ``done`` with the outcome.
+phase on the injected clock and fires ``done`` with the outcome of each
+transaction.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -91,6 +98,8 @@ class Phase(enum.Enum):
     DATA = "data"
     CONTENT = "content"
     QUIT = "quit"
+    # A transaction is done and the connection kept for another.
+    IDLE = "idle"
     DONE = "done"
 
 
@@ -159,6 +168,8 @@ class StreamContent:
 @dataclass(frozen=True)
 class Finish:
     outcome: SessionOutcome
+    # The connection stays open for another transaction.
+    keep_open: bool = False
 
 
 Action = Send | StartTLS | StreamContent | Finish
@@ -339,12 +350,14 @@ class ClientSession:
         tls_mode: TLSMode = TLSMode.MAY,
         auth: tuple[str, str] | None = None,
         block_size: int = BLOCK_SIZE,
+        reuse: bool = False,
     ) -> None:
         self._hostname = hostname
         self._transaction = transaction
         self._tls_mode = tls_mode
         self._auth = auth
         self._block_size = block_size
+        self._reuse = reuse
         self._parser = ReplyParser()
         self._extensions: dict[str, str] = {}
         self._awaiting: list[tuple[_Step, int]] = []
@@ -385,7 +398,7 @@ class ClientSession:
 
     def connection_lost(self) -> SessionOutcome:
         """The connection ended; the outcome so far, final."""
-        if self.phase in (Phase.DONE, Phase.QUIT):
+        if self.phase in (Phase.DONE, Phase.QUIT, Phase.IDLE):
             self.phase = Phase.DONE
             return self.outcome
         if self.phase is Phase.TLS_EHLO and self._tls_mode is TLSMode.MAY:
@@ -408,7 +421,7 @@ class ClientSession:
 
     def timed_out(self) -> list[Action]:
         """The timeout of the current phase ran out."""
-        if self.phase in (Phase.DONE, Phase.QUIT):
+        if self.phase in (Phase.DONE, Phase.QUIT, Phase.IDLE):
             self.phase = Phase.DONE
             return [Finish(self.outcome)]
         text = f"{replies.NEXT_HOP_TIMEOUT.text} during {self.phase.value}"
@@ -420,6 +433,26 @@ class ClientSession:
         self._extensions = {}
         self.phase = Phase.TLS_EHLO
         return [self._command(f"EHLO {self._hostname}")]
+
+    def next_transaction(self, transaction: Transaction) -> list[Action]:
+        """Start another transaction on an idle connection."""
+        if self.phase is not Phase.IDLE:
+            raise ValueError(f"no transaction can start in {self.phase.value}")
+        self._transaction = transaction
+        self._content = transaction.content
+        self._awaiting = []
+        self._accepted = []
+        self._mail_reply = None
+        self._queued = []
+        self.outcome = SessionOutcome(tls=self.outcome.tls)
+        self.last_reply = None
+        return self._start_transaction()
+
+    def close(self) -> list[Action]:
+        """End an idle connection politely."""
+        if self.phase is not Phase.IDLE:
+            return []
+        return self._quit()
 
     def _command(self, line: str) -> Send:
         return Send(line.encode("utf-8") + b"\r\n")
@@ -674,6 +707,11 @@ class ClientSession:
 
     def _on_content(self, reply: Reply) -> list[Action]:
         self._settle_accepted(reply)
+        if self._reuse and reply.is_positive:
+            # RFC 5321 section 4.1.1.4: the transaction ended with this reply;
+            # the next may start with MAIL.
+            self.phase = Phase.IDLE
+            return [Finish(self.outcome, keep_open=True)]
         return self._quit()
 
     def _settle_accepted(self, reply: Reply) -> None:
@@ -798,13 +836,39 @@ class SMTPClientProtocol(Protocol):
                 self.transport.registerProducer(  # type: ignore[union-attr]
                     self._producer, False
                 )
+            elif isinstance(action, Finish) and action.keep_open:
+                # The connection waits for ``start_next`` or ``close``.
+                self._disarm()
+                if not self.done.called:
+                    self.done.callback(action.outcome)
+                return
             elif isinstance(action, Finish):
                 # ``done`` fires once the connection is closed.
                 self._disarm()
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
-        if self.session.phase is not Phase.DONE and self._producer is None:
+        waiting = self.session.phase not in (Phase.DONE, Phase.IDLE)
+        if waiting and self._producer is None:
             self._arm(self._phase_timeout())
+
+    @property
+    def idle(self) -> bool:
+        """Whether the connection is open and ready for another transaction."""
+        return bool(self.connected) and self.session.phase is Phase.IDLE
+
+    def start_next(self, transaction: Transaction) -> Deferred[SessionOutcome]:
+        """Send another transaction over this idle connection."""
+        self.done = Deferred()
+        self._perform(self.session.next_transaction(transaction))
+        return self.done
+
+    def close(self) -> Deferred[SessionOutcome]:
+        """QUIT an idle connection; fire once it is closed."""
+        if not self.idle:
+            return succeed(self.session.outcome)
+        self.done = Deferred()
+        self._perform(self.session.close())
+        return self.done
 
     def _phase_timeout(self) -> float:
         phase = self.session.phase

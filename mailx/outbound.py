@@ -16,6 +16,12 @@ host that answered said so permanently, temporary otherwise.
 
 The agent never fails its Deferred for delivery problems: every recipient
 gets a reply.  One mail log line is written per attempt and reply.
+
+Connection reuse: a session whose transaction the next hop accepted stays
+open, idle, for ``idle_time`` seconds, and the next message for the same
+address, port, host name and TLS mode goes over it (as Postfix's connection
+cache does).  A kept connection the next hop closed in the meantime shows as
+a failure before any reply; the message then goes over a new connection.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import (
     CertificateOptions,
@@ -61,9 +67,30 @@ log = Logger()
 SMTP_PORT = 25
 # The issue's bound on hosts and addresses tried per attempt.
 DEFAULT_MAX_HOSTS = 5
+# How long an idle connection waits for the next message, and how long one
+# connection is used in all: Postfix's smtp_connection_cache_time_limit (2 s)
+# and smtp_connection_reuse_time_limit (300 s).
+CONNECTION_IDLE_TIME = 2.0
+CONNECTION_REUSE_TIME = 300.0
+# Idle connections kept in all (our choice): the spool delivers at most 20
+# messages at once (spool.MAX_PARALLEL), so a few dozen cover its next hops.
+MAX_IDLE_CONNECTIONS = 50
 # Verified-TLS client options kept, one per next-hop host name (our choice:
 # far more hosts than a tls_policy names; beyond it the cache starts over).
 MAX_CACHED_TLS_HOSTS = 1000
+
+
+# What a kept connection is good for: host name, address, port, TLS mode.
+ConnectionKey = tuple[str, str, int, TLSMode]
+
+
+class _IdleConnection:
+    """A connection kept for reuse, with its expiry timer."""
+
+    def __init__(self, protocol: SMTPClientProtocol, opened: float) -> None:
+        self.protocol = protocol
+        self.opened = opened
+        self.expiry: IDelayedCall | None = None
 
 
 class _OneConnection(Factory):
@@ -103,6 +130,7 @@ class OutboundAgent:
         allow_literals: bool = True,
         resolver: Any = None,
         rng: random.Random | None = None,
+        idle_time: float = CONNECTION_IDLE_TIME,
     ) -> None:
         self._reactor = reactor
         self._hostname = hostname
@@ -117,6 +145,10 @@ class OutboundAgent:
         # TLS client options, built when a session first needs them.
         self._opportunistic_tls: CertificateOptions | None = None
         self._verified_tls: dict[str, Any] = {}
+        # Connections kept after a transaction, newest last; 0 keeps none.
+        self._idle_time = idle_time
+        self._idle: dict[ConnectionKey, list[_IdleConnection]] = {}
+        self._idle_count = 0
         self._allow_literals = allow_literals
         if resolver is None:
             resolver = make_dns_resolver(reactor, dns_servers)
@@ -274,7 +306,34 @@ class OutboundAgent:
         envelope: Envelope,
     ) -> SessionOutcome:
         port = self._smarthost[1] if self._smarthost else self._port
-        session = ClientSession(self._hostname, transaction, mode, self._auth)
+        key = (host, address, port, mode)
+        outcome = await self._reuse(key, transaction)
+        if outcome is None:
+            outcome = await self._connect(key, transaction)
+        self._log_outcome(envelope, transaction, host, address, port, outcome)
+        return outcome
+
+    async def _reuse(
+        self, key: ConnectionKey, transaction: Transaction
+    ) -> SessionOutcome | None:
+        """The outcome over a kept connection; None if none was usable."""
+        while (kept := self._take_idle(key)) is not None:
+            outcome = await kept.protocol.start_next(transaction)
+            if outcome.failure is not None and kept.protocol.session.last_reply is None:
+                # Closed while idle: the next hop saw no command of this
+                # transaction, so it goes over another connection.
+                continue
+            self._keep(key, kept)
+            return outcome
+        return None
+
+    async def _connect(
+        self, key: ConnectionKey, transaction: Transaction
+    ) -> SessionOutcome:
+        host, address, port, mode = key
+        session = ClientSession(
+            self._hostname, transaction, mode, self._auth, reuse=self._idle_time > 0
+        )
         protocol = SMTPClientProtocol(
             session,
             self._reactor,
@@ -289,15 +348,60 @@ class OutboundAgent:
             failure = replies.CONNECT_FAILED.with_text(
                 f"{replies.CONNECT_FAILED.text}: {type(reason).__name__}"
             )
-            outcome = SessionOutcome(failure=failure)
+            return SessionOutcome(failure=failure)
+
+        outcome = await protocol.done
+        if outcome.failure is not None and outcome.failure.enhanced == "4.4.2":
+            self.health.mark_down(address)
         else:
-            outcome = await protocol.done
-            if outcome.failure is not None and outcome.failure.enhanced == "4.4.2":
-                self.health.mark_down(address)
-            else:
-                self.health.mark_up(address)
-        self._log_outcome(envelope, transaction, host, address, port, outcome)
+            self.health.mark_up(address)
+        self._keep(key, _IdleConnection(protocol, self._reactor.seconds()))
         return outcome
+
+    def _take_idle(self, key: ConnectionKey) -> _IdleConnection | None:
+        """The newest kept connection for ``key`` that is still open."""
+        kept = self._idle.get(key)
+        while kept:
+            connection = kept.pop()
+            self._idle_count -= 1
+            if connection.expiry is not None and connection.expiry.active():
+                connection.expiry.cancel()
+            if connection.protocol.idle:
+                return connection
+        self._idle.pop(key, None)
+        return None
+
+    def _keep(self, key: ConnectionKey, connection: _IdleConnection) -> None:
+        """Keep an idle connection for the next message, or close it."""
+        protocol = connection.protocol
+        if not protocol.idle:
+            return
+        age = self._reactor.seconds() - connection.opened
+        if age >= CONNECTION_REUSE_TIME or self._idle_count >= MAX_IDLE_CONNECTIONS:
+            protocol.close()
+            return
+        self._idle.setdefault(key, []).append(connection)
+        self._idle_count += 1
+        connection.expiry = self._reactor.callLater(
+            self._idle_time, self._expire, key, connection
+        )
+
+    def _expire(self, key: ConnectionKey, connection: _IdleConnection) -> None:
+        kept = self._idle.get(key, [])
+        if connection in kept:
+            kept.remove(connection)
+            self._idle_count -= 1
+            if not kept:
+                self._idle.pop(key, None)
+        connection.protocol.close()
+
+    def close_idle(self) -> Deferred[list[SessionOutcome]]:
+        """QUIT every kept connection; fire once all are closed."""
+        closing = []
+        for key in list(self._idle):
+            while (connection := self._take_idle(key)) is not None:
+                closing.append(connection.protocol.close())
+        return gatherResults(closing)
 
     def _endpoint(self, address: str, port: int) -> Any:
         timeout = self._timeouts.connect

@@ -173,6 +173,44 @@ class TestSession:
         }
         assert outcome.failure is None
 
+    def test_reused_session_goes_idle_then_carries_the_next_transaction(
+        self,
+    ) -> None:
+        """With reuse, an accepted transaction ends idle without QUIT; the next
+        starts at MAIL with its own outcome, and close sends QUIT."""
+        session = ClientSession("me.test", transaction("a@d.test"), reuse=True)
+        to_envelope(session)
+        session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
+        streamed(session.data_received(b"354 go\r\n"))
+        actions = session.data_received(b"250 2.0.0 queued\r\n")
+        assert sent(actions) == b""
+        (finish,) = actions
+        assert isinstance(finish, Finish) and finish.keep_open
+        assert finish.outcome.replies == {0: Reply(250, "2.0.0", "queued")}
+        assert session.phase is Phase.IDLE
+
+        actions = session.next_transaction(transaction("c@d.test"))
+        assert (
+            sent(actions) == b"MAIL FROM:<s@src.test> SIZE=20\r\nRCPT TO:<c@d.test>\r\n"
+        )
+        actions = session.data_received(b"250 2.1.0 ok\r\n550 5.1.1 unknown\r\n")
+        assert sent(actions) == b"QUIT\r\n"
+        assert session.outcome.replies == {0: Reply(550, "5.1.1", "unknown")}
+
+    def test_idle_session_closes_with_quit(self) -> None:
+        """An idle session says QUIT when closed; a busy one cannot start
+        another transaction."""
+        session = ClientSession("me.test", transaction("a@d.test"), reuse=True)
+        with pytest.raises(ValueError):
+            session.next_transaction(transaction("b@d.test"))
+        to_envelope(session)
+        session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
+        streamed(session.data_received(b"354 go\r\n"))
+        session.data_received(b"250 2.0.0 queued\r\n")
+
+        assert sent(session.close()) == b"QUIT\r\n"
+        assert session.close() == []
+
     def test_one_command_at_a_time_without_pipelining(self) -> None:
         """Without PIPELINING each RCPT waits for the reply before it."""
         session = ClientSession("me.test", transaction("a@d.test", "b@d.test"))

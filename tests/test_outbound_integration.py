@@ -116,6 +116,8 @@ class OutboundTestCase(TestCase):
             options["smarthost"] = (options["smarthost"][0], port)
         options.setdefault("timeouts", SHORT)
         options.setdefault("rng", random.Random(5))
+        # Kept connections only where a test asks for them (and closes them).
+        options.setdefault("idle_time", 0)
         return OutboundAgent(
             reactor,
             ME,
@@ -559,6 +561,41 @@ class DebugLogTests(OutboundTestCase):
         assert not [line for line in lines if "factory" in line.lower()]
         assert len(self.log) == 1
         assert "relay=nomx.test[127.0.0.6]" in self.log[0]
+
+
+class ReuseTests(OutboundTestCase):
+    async def test_messages_share_one_connection(self) -> None:
+        """Messages to the same next hop one after another go over one
+        connection, each logged; closing the kept connection sends QUIT."""
+        agent = self.start({"127.0.0.6": Script()}, idle_time=30.0)
+
+        for _ in range(3):
+            assert self.codes(await self.send(agent, ["b@nomx.test"])) == ["250 2.0.0"]
+        await agent.close_idle()
+
+        peer = self.peers.peer("127.0.0.6")
+        assert peer.connections == 1
+        assert len(peer.messages) == 3
+        assert [c.split(" ")[0] for c in peer.commands].count("EHLO") == 1
+        assert peer.commands[-1] == "QUIT"
+        assert len(self.log) == 3
+
+    async def test_tls_connection_is_reused_with_tls(self) -> None:
+        """A kept connection that started TLS carries the next message over
+        TLS, and the mail log says so."""
+        identity = make_tls_identity("mx.tls.test")
+        agent = self.start(
+            {"127.0.0.10": Script(tls_pem=identity.server_pem)}, idle_time=30.0
+        )
+
+        for _ in range(2):
+            assert self.codes(await self.send(agent, ["b@tls.test"])) == ["250 2.0.0"]
+        await agent.close_idle()
+
+        peer = self.peers.peer("127.0.0.10")
+        assert peer.connections == 1
+        assert [m.tls for m in peer.messages] == [True, True]
+        assert all("tls=yes" in line for line in self.log)
 
 
 class TLSTests(OutboundTestCase):

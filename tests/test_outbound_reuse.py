@@ -1,0 +1,197 @@
+"""
+Connection reuse by the outbound agent, on Twisted's fakes: a connection
+whose transaction the next hop accepted carries the next message to the same
+next hop, is closed when idle too long, and is replaced when it turns out to
+be dead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from mailx.address import Address
+from mailx.envelope import Envelope, Recipient, Route
+from mailx.outbound import CONNECTION_IDLE_TIME, OutboundAgent
+from mailx.spool import RecipientResult
+
+NEXT_HOP = ("192.0.2.25", 2525)
+CONTENT = b"Subject: reuse\r\n\r\nHello.\r\n"
+GREETING = b"220 next.test ESMTP\r\n"
+EHLO = b"250-next.test\r\n250 PIPELINING\r\n"
+ENVELOPE_OK = b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n"
+QUEUED = b"250 2.0.0 queued\r\n"
+
+
+class Connection:
+    """One fake TCP connection the agent opened: its protocol and transport."""
+
+    def __init__(self, reactor: MemoryReactorClock, index: int) -> None:
+        host, port, factory, _, _ = reactor.tcpClients[index]
+        address = IPv4Address("TCP", host, port)
+        protocol = factory.buildProtocol(address)
+        assert protocol is not None
+        self.protocol: Any = protocol
+        self.transport = StringTransport()
+        protocol.makeConnection(self.transport)
+
+    def reply(self, data: bytes) -> None:
+        """Octets from the next hop; the content is drained on 354."""
+        self.protocol.dataReceived(data)
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+
+    def sent(self) -> bytes:
+        data: bytes = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def close(self) -> None:
+        """The connection ends."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[no-untyped-call]
+
+
+def make_agent(reactor: MemoryReactorClock) -> OutboundAgent:
+    # The smarthost is an address, so nothing is ever looked up.
+    return OutboundAgent(
+        reactor, "mx.test", [], [], smarthost=NEXT_HOP, resolver=object()
+    )
+
+
+def deliver(agent: OutboundAgent, message_id: str) -> list[RecipientResult]:
+    """Start a delivery of one message to one recipient; its results so far."""
+    recipient = Address("bob", "remote.test")
+    envelope = Envelope(
+        Address("alice", "here.test"),
+        recipients=[Recipient(recipient, Route.RELAY)],
+        message_id=message_id,
+    )
+    got: list[RecipientResult] = []
+    attempt: Deferred[list[RecipientResult]] = agent.deliver(
+        envelope.reverse_path, "remote.test", [recipient], CONTENT, envelope
+    )
+    attempt.addCallback(got.extend)
+    return got
+
+
+def codes(results: list[RecipientResult]) -> list[int]:
+    return [result.reply.code for result in results]
+
+
+def first_delivery(reactor: MemoryReactorClock, agent: OutboundAgent) -> Connection:
+    results = deliver(agent, "M1")
+    connection = Connection(reactor, 0)
+    connection.reply(GREETING + EHLO + ENVELOPE_OK)
+    connection.reply(QUEUED)
+    assert codes(results) == [250]
+    return connection
+
+
+def test_the_next_message_goes_over_the_kept_connection() -> None:
+    """After an accepted message the connection stays open without QUIT, and
+    the next message starts with MAIL on it, no new connection, no EHLO."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    connection = first_delivery(reactor, agent)
+    assert b"QUIT" not in connection.sent()
+
+    results = deliver(agent, "M2")
+    sent = connection.sent()
+    assert sent.startswith(b"MAIL FROM:<alice@here.test>")
+    assert b"EHLO" not in sent
+    connection.reply(ENVELOPE_OK)
+    connection.reply(QUEUED)
+
+    assert codes(results) == [250]
+    assert len(reactor.tcpClients) == 1
+
+
+def test_an_idle_connection_is_closed_after_the_idle_time() -> None:
+    """A kept connection nobody uses gets QUIT once the idle time is over,
+    and the next message opens a new one."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    connection = first_delivery(reactor, agent)
+    connection.sent()
+
+    reactor.advance(CONNECTION_IDLE_TIME - 0.1)
+    assert connection.sent() == b""
+    reactor.advance(0.1)
+    assert connection.sent() == b"QUIT\r\n"
+    connection.reply(b"221 2.0.0 bye\r\n")
+    assert connection.transport.disconnecting
+
+    deliver(agent, "M2")
+    assert len(reactor.tcpClients) == 2
+
+
+def test_a_dead_kept_connection_is_replaced() -> None:
+    """A kept connection that closes before answering the next message's
+    first command is replaced by a new one, and the message is delivered."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    stale = first_delivery(reactor, agent)
+    stale.sent()
+
+    results = deliver(agent, "M2")
+    stale.close()
+    assert results == []
+    fresh = Connection(reactor, 1)
+    fresh.reply(GREETING + EHLO + ENVELOPE_OK)
+    fresh.reply(QUEUED)
+
+    assert codes(results) == [250]
+    assert b"Hello." in fresh.sent()
+
+
+def test_a_refused_message_ends_the_connection() -> None:
+    """After a refused message the client QUITs; nothing is kept."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    results = deliver(agent, "M1")
+    connection = Connection(reactor, 0)
+    connection.reply(GREETING + EHLO + ENVELOPE_OK)
+    connection.reply(b"554 5.6.0 refused\r\n")
+    assert connection.sent().endswith(b"QUIT\r\n")
+    connection.reply(b"221 2.0.0 bye\r\n")
+    connection.close()
+
+    assert codes(results) == [554]
+    deliver(agent, "M2")
+    assert len(reactor.tcpClients) == 2
+
+
+def test_a_421_on_an_idle_connection_closes_it() -> None:
+    """A next hop that says 421 while the connection is idle has it closed;
+    the next message goes over a new connection."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    connection = first_delivery(reactor, agent)
+    connection.reply(b"421 4.4.2 idle too long\r\n")
+
+    assert connection.transport.disconnecting
+    deliver(agent, "M2")
+    assert len(reactor.tcpClients) == 2
+
+
+def test_close_idle_quits_every_kept_connection() -> None:
+    """close_idle sends QUIT on each kept connection and fires once they are
+    closed."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    connection = first_delivery(reactor, agent)
+    connection.sent()
+    closed: list[Any] = []
+
+    agent.close_idle().addCallback(closed.append)
+    assert connection.sent() == b"QUIT\r\n"
+    assert closed == []
+    connection.reply(b"221 2.0.0 bye\r\n")
+    connection.close()
+
+    assert len(closed) == 1
