@@ -241,7 +241,7 @@ class DotStuffer:
             data, self._held = data[:-1], b"\r"
         if not data:
             return b""
-        data = _LINE_ENDING.sub(b"\r\n", data)
+        data = normalise_line_endings(data)
         if self._at_line_start and data.startswith(b"."):
             data = b"." + data
         data = data.replace(b"\r\n.", b"\r\n..")
@@ -260,6 +260,11 @@ class DotStuffer:
 
 def normalise_line_endings(content: bytes) -> bytes:
     """Every line ending CRLF; a bare CR or LF becomes CRLF."""
+    crlf = content.count(b"\r\n")
+    if crlf == content.count(b"\r") == content.count(b"\n"):
+        # Every CR and LF is part of a CRLF already (the usual case): three
+        # counts are cheaper than a substitution that changes nothing.
+        return content
     return _LINE_ENDING.sub(b"\r\n", content)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from mailx.client import (
     TLSMode,
     Transaction,
     dot_stuffed_blocks,
+    normalise_line_endings,
     to_quoted_printable,
 )
 from mailx.envelope import Body
@@ -144,6 +146,13 @@ class TestDotStuffing:
         """The wire form is the same whatever the block size."""
         whole = b"".join(dot_stuffed_blocks(content, max(len(content), 1)))
         assert b"".join(dot_stuffed_blocks(content, size)) == whole
+
+    @given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a"]), max_size=30))
+    def test_line_endings_become_crlf(self, parts: list[bytes]) -> None:
+        """Every bare CR and bare LF becomes CRLF; CRLF and other octets stay."""
+        content = b"".join(parts)
+        expected = re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+        assert normalise_line_endings(content) == expected
 
     def test_finish_closes_an_open_line(self) -> None:
         """Content that does not end in CRLF gets one before the final dot."""
