@@ -75,6 +75,9 @@ CONNECTION_REUSE_TIME = 300.0
 # Idle connections kept in all (our choice): the spool delivers at most 20
 # messages at once (spool.MAX_PARALLEL), so a few dozen cover its next hops.
 MAX_IDLE_CONNECTIONS = 50
+# How long a stopping mailx waits for kept connections to answer QUIT (our
+# choice: as long as a connection may stay idle).
+SHUTDOWN_QUIT_WAIT = 2.0
 # Verified-TLS client options kept, one per next-hop host name (our choice:
 # far more hosts than a tls_policy names; beyond it the cache starts over).
 MAX_CACHED_TLS_HOSTS = 1000
@@ -159,6 +162,10 @@ class OutboundAgent:
             resolver, reactor, hostname, own_addresses, retries, rng=rng
         )
         self.health = HostHealth(reactor)
+        if idle_time > 0:
+            # RFC 5321 section 4.1.1.10: a client closes with QUIT, kept
+            # connections included, also when mailx stops.
+            reactor.addSystemEventTrigger("before", "shutdown", self._quit_at_stop)
 
     def deliver(
         self,
@@ -402,6 +409,19 @@ class OutboundAgent:
             while (connection := self._take_idle(key)) is not None:
                 closing.append(connection.protocol.close())
         return gatherResults(closing)
+
+    def _quit_at_stop(self) -> Deferred[None]:
+        """QUIT kept connections, waiting for their close a bounded time."""
+        stopped: Deferred[None] = Deferred()
+        timer = self._reactor.callLater(SHUTDOWN_QUIT_WAIT, stopped.callback, None)
+
+        def closed(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+                stopped.callback(None)
+
+        self.close_idle().addBoth(closed)
+        return stopped
 
     def _endpoint(self, address: str, port: int) -> Any:
         timeout = self._timeouts.connect

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from mailx.address import Address
 from mailx.envelope import Envelope, Recipient, Route
-from mailx.outbound import CONNECTION_IDLE_TIME, OutboundAgent
+from mailx.outbound import CONNECTION_IDLE_TIME, SHUTDOWN_QUIT_WAIT, OutboundAgent
 from mailx.spool import RecipientResult
 
 NEXT_HOP = ("192.0.2.25", 2525)
@@ -195,3 +195,40 @@ def test_close_idle_quits_every_kept_connection() -> None:
     connection.close()
 
     assert len(closed) == 1
+
+
+def shutdown_triggers(reactor: MemoryReactorClock) -> list[Any]:
+    return [call for call, _, _ in reactor.triggers["before"]["shutdown"]]
+
+
+def test_stopping_quits_kept_connections_within_a_bound() -> None:
+    """When mailx stops, each kept connection gets QUIT; the stop waits for
+    it to close, but never longer than the bound."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    connection = first_delivery(reactor, agent)
+    connection.sent()
+    (trigger,) = shutdown_triggers(reactor)
+    stopped: list[None] = []
+
+    trigger().addCallback(stopped.append)
+    assert connection.sent() == b"QUIT\r\n"
+    reactor.advance(SHUTDOWN_QUIT_WAIT - 0.1)
+    assert stopped == []
+    reactor.advance(0.1)
+    assert stopped == [None]
+
+
+def test_stopping_ends_as_soon_as_kept_connections_close() -> None:
+    """A next hop that answers QUIT and closes lets the stop go on at once."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    connection = first_delivery(reactor, agent)
+    (trigger,) = shutdown_triggers(reactor)
+    stopped: list[None] = []
+
+    trigger().addCallback(stopped.append)
+    connection.reply(b"221 2.0.0 bye\r\n")
+    connection.close()
+
+    assert stopped == [None]
