@@ -94,7 +94,6 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 STORAGE_FAILED = Reply(451, "4.3.0", "Message could not be stored, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
-INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 
 # 5yz: permanent.
@@ -107,11 +106,9 @@ HELO_FIRST = Reply(503, "5.5.1", "Send EHLO or HELO first")
 MAIL_FIRST = Reply(503, "5.5.1", "Send MAIL first")
 RCPT_FIRST = Reply(503, "5.5.1", "No valid recipients")
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
-AFTER_LAST = Reply(503, "5.5.1", "No transaction in progress after BDAT LAST")
 BDAT_IN_PROGRESS = Reply(503, "5.5.1", "DATA not allowed during a BDAT transfer")
 BINARY_NEEDS_BDAT = Reply(503, "5.6.1", "BODY=BINARYMIME requires BDAT")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
-PARAM_NOT_IMPLEMENTED = Reply(504, "5.5.4", "Command parameter not implemented")
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 BAD_DESTINATION = Reply(550, "5.1.2", "Bad destination mailbox address")
@@ -127,7 +124,6 @@ BARE_LINE_ENDING = Reply(
     "Message rejected: bare CR or LF; lines must end with CRLF (RFC 5321 2.3.8)",
 )
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (Received headers), mail loop?")
-TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "MAIL or RCPT parameter not recognized")
 UTF8_NOT_REQUESTED = Reply(
     553, "5.6.7", "Non-ASCII address requires SMTPUTF8 on MAIL FROM"
