@@ -914,21 +914,12 @@ class Spool(Service):
             self.schedule.put(message.message_id, message.next_attempt)
             return
 
-        # The attempt ends here and frees its place for the next message; the
-        # removal joins the next batch.  Until it is durable a crash leaves
-        # the message queued, to be sent again (RFC 5321 section 6.1).
-        message_id = message.message_id
-        self.schedule.remove(message_id)
-
-        def removed(_: bool) -> None:
-            maillog.info("removed {message_id}", message_id=message_id)
-
-        def failed(failure: Failure) -> None:
-            log.failure("could not remove {id}", failure, id=message_id)
-            self.schedule.put(message_id, self._now() + self.policy.min_retry)
-            self._run_due()
-
-        self._removals.submit(message_id).addCallbacks(removed, failed)
+        # The attempt, and its place among the max_parallel, lasts until the
+        # removal is durable: so a crash can repeat at most max_parallel
+        # deliveries (RFC 5321 section 6.1).  The removal joins a batch.
+        await self._removals.submit(message.message_id)
+        self.schedule.remove(message.message_id)
+        maillog.info("removed {message_id}", message_id=message.message_id)
 
     # Notifications.
 

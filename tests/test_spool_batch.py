@@ -251,35 +251,32 @@ def test_fresh_messages_beyond_the_bound_are_read_from_disk(
     ]
 
 
-def test_a_delivered_message_frees_its_slot_before_its_removal(
+def test_a_delivered_message_keeps_its_slot_until_its_removal(
     tmp_path: Path, clock: Clock, mail_log: list[str]
 ) -> None:
-    """Once delivered, a message lets the next one go out while its removal
-    waits to be made durable; "removed" is logged, and the spool stops, only
-    once the removals are done."""
+    """A delivered message counts against max_parallel until its removal is
+    durable, so a crash can repeat no more deliveries than that; "removed" is
+    logged, and the spool stops, only once the removals are done."""
     io = ManualIO()
     agent = ScriptedAgent(clock)
     queue = make_spool(tmp_path, clock, agent, run_io=io, max_parallel=1)
     queue.startService()
     io.run_next()  # Recovery.
-    queue.enqueue(envelope("bob", message_id="R1"), CONTENT)
+    for message_id in ("R1", "R2", "R3"):
+        queue.enqueue(envelope("bob", message_id=message_id), CONTENT)
     io.run_next()  # R1's commit; R1 is delivered, its removal waits.
-    queue.enqueue(envelope("bob", message_id="R2"), CONTENT)
-    work, done = io.jobs.pop(1)  # R2's commit, ahead of R1's removal.
+    work, done = io.jobs.pop(1)  # R2 and R3's commit, ahead of R1's removal.
     done.callback(work())
 
-    assert [call.envelope.message_id for call in agent.calls] == ["R1", "R2"]
-    assert queued_ids(tmp_path) == ["R1", "R2"]
+    assert [call.envelope.message_id for call in agent.calls] == ["R1"]
     assert not [line for line in mail_log if line.startswith("removed")]
+    io.run_next()  # R1's removal: R2 goes out.
+    assert [call.envelope.message_id for call in agent.calls] == ["R1", "R2"]
+    assert [line for line in mail_log if line.startswith("removed")] == ["removed R1"]
 
     stopped: list[None] = []
     queue.stopService().addCallback(stopped.append)
-    io.run_next()  # R1's removal.
     assert stopped == []
     io.run_next()  # R2's removal.
-    assert queued_ids(tmp_path) == []
-    assert [line for line in mail_log if line.startswith("removed")] == [
-        "removed R1",
-        "removed R2",
-    ]
+    assert queued_ids(tmp_path) == ["R3"]
     assert stopped == [None]
