@@ -63,6 +63,7 @@ from mailx import durable, replies
 from mailx.address import Address, parse_mailbox
 from mailx.dsn import Action, RecipientReport, Report, build_report
 from mailx.envelope import Body, Envelope, Route
+from mailx.maillog import maillog
 from mailx.queue import (
     MessageKind,
     QueuedMessage,
@@ -78,7 +79,6 @@ _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
 # The mail log: one line per business event, parsed by operators' tools.
-maillog = Logger(namespace="mailx.mail")
 log = Logger()
 
 # Queue ids name files: letters and digits only, so no id can leave its

@@ -22,9 +22,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
-    ILogObserver,
-    LogEvent,
-    formatEventAsClassicLogText,
     globalLogPublisher,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -34,7 +31,8 @@ from mailx import auth
 from mailx import local as local_recipients
 from mailx.backup import backup_check_from_config
 from mailx.config import Config, ConfigError, load_config
-from mailx.maillog import MAIL_NAMESPACE, maillog
+from mailx.maillog import MailLogFile, maillog
+from mailx.maillog import router as maillog_router
 from mailx.outbound import agent_from_config
 from mailx.policy import RelayPolicy
 from mailx.protocol import ConnectionLimits, ListenerSettings, SMTPServerFactory
@@ -143,7 +141,6 @@ class MailxService(MultiService):
         self.config = config
         self.tls = tls
         self.factories: list[SMTPServerFactory] = []
-        self._mail_log: ILogObserver | None = None
         self._mail_log_file: IO[str] | None = None
 
     def privilegedStartService(self) -> None:
@@ -173,8 +170,8 @@ class MailxService(MultiService):
         for factory in self.factories:
             factory.shut_down()
         result = super().stopService()  # type: ignore[no-untyped-call]
-        if self._mail_log is not None and self._mail_log_file is not None:
-            globalLogPublisher.removeObserver(self._mail_log)
+        if self._mail_log_file is not None:
+            maillog_router.destination = globalLogPublisher
             self._mail_log_file.close()
         return cast("Deferred[None] | None", result)
 
@@ -196,20 +193,9 @@ class MailxService(MultiService):
         maillog.info("TLS certificate reloaded from {path}", path=self.tls.certificate)
 
     def _open_mail_log(self, path: str) -> None:
-        """Copy the mail log namespace into its own file, one line an event."""
-        file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed at stop
-        self._mail_log_file = file
-
-        def observe(event: LogEvent) -> None:
-            if event.get("log_namespace") != MAIL_NAMESPACE:
-                return
-            line = formatEventAsClassicLogText(event)
-            if line:
-                file.write(line)
-                file.flush()
-
-        self._mail_log = cast(ILogObserver, observe)
-        globalLogPublisher.addObserver(self._mail_log)
+        """Send the mail log to its own file, instead of the twistd log."""
+        self._mail_log_file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        maillog_router.destination = MailLogFile(self._mail_log_file)
 
 
 def makeService(options: Options) -> IService:

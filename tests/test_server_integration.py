@@ -178,3 +178,23 @@ def test_unusable_paths_and_ports_stop_the_start(
     output = busy.run_refused()
     assert f"mailx: cannot listen on 127.0.0.1:{busy_port}" in output
     assert "Traceback" not in output
+
+
+def test_the_mail_log_file_takes_the_mail_events(tmp_path: Path) -> None:
+    """With log.mail_log set, mail events go to that file, one line each."""
+    port = free_port()
+    config = basic_config(port, extra='[log]\nmail_log = "mail.log"\n')
+    server = MailxProcess(tmp_path / "mx", config, port=port)
+    server.start()
+    try:
+        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+            client.sendmail("s@example.net", ["bob@example.org"], b"Subject: x\r\n\r\n")
+    finally:
+        server.stop()
+    lines = (server.workdir / "mail.log").read_text().splitlines()
+    assert any(
+        re.fullmatch(r"\S+ \[mailx\.mail#info\] connect from \[127\.0\.0\.1\]:\d+", x)
+        for x in lines
+    )
+    assert any("accepted from=<s@example.net> nrcpt=1" in line for line in lines)
+    assert "accepted from=" not in server.log()
