@@ -67,6 +67,8 @@ class ServerConfig:
     # RFC 8314 implicit-TLS listeners: plain endpoints that mailx wraps in TLS.
     smtps: tuple[str, ...] = ()
     control_socket: str = "var/mailx/control.sock"
+    # Processes serving SMTP: the main one and workers sharing its listeners.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -482,6 +484,8 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Checker]]] = {
             "submission": _list_of(_endpoint),
             "smtps": _list_of(_endpoint),
             "control_socket": _path,
+            # More processes than this would only compete for the same cores.
+            "workers": _integer(1, 64),
         },
     ),
     "domains": (

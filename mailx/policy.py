@@ -62,7 +62,8 @@ class RelayPolicy:
         self.backup_check = backup_check
 
     def is_trusted(self, client: ClientInfo) -> bool:
-        if client.authenticated_as is not None:
+        # A worker process handing on mail it accepted (mailx.workers).
+        if client.authenticated_as is not None or client.listener == "handoff":
             return True
         try:
             address = ipaddress.ip_address(client.address)

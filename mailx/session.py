@@ -126,6 +126,9 @@ class SessionConfig:
     tls_available: bool = False
     # Submission (RFC 6409): MAIL only after AUTH.
     require_auth: bool = False
+    # Add the Received header and count hops; not on the handoff from a
+    # worker process, which did both (mailx.workers).
+    add_trace: bool = True
 
 
 class _DataReader:
@@ -859,13 +862,15 @@ class Session:
         header_end = content.find(b"\r\n\r\n")
         header = content if header_end < 0 else content[: header_end + 2]
         # RFC 5321 section 6.3: too many Received headers means a loop.
-        if len(_RECEIVED.findall(header)) >= self.config.max_hops:
+        trace = self.config.add_trace
+        if trace and len(_RECEIVED.findall(header)) >= self.config.max_hops:
             self._reject_message(replies.TOO_MANY_HOPS)
             return
 
         envelope.message_id = self.new_id()
         envelope.received_at = self.clock()
-        content = self._received_header(envelope) + content
+        if trace:
+            content = self._received_header(envelope) + content
         self._reset_transaction()
         self.state = State.READY
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from typing import IO, Any, ClassVar, TypeVar, cast
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
@@ -26,6 +26,7 @@ from twisted.logger import (
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from mailx import auth
 from mailx import local as local_recipients
@@ -40,6 +41,7 @@ from mailx.router import GroupCommit, LocalFirstAgent, LocalStore, Router
 from mailx.session import SessionConfig
 from mailx.spool import DeliveryAgent, Spool
 from mailx.tls import ReloadableContext, TLSConfigError
+from mailx.workers import HandoffQueue, WorkerPool, handoff_path
 
 _T = TypeVar("_T")
 
@@ -58,7 +60,9 @@ class Options(usage.Options):
     tls: ReloadableContext | None
     mailboxes: local_recipients.LocalRecipients
     users: auth.Users
-    queue_lock: IO[str]
+    queue_lock: IO[str] | None
+    # A worker process (mailx.workers) shares the main process's queue.
+    worker = False
 
     def postOptions(self) -> None:
         # One line naming the problem, not twistd's usage text: a refused
@@ -89,7 +93,9 @@ class Options(usage.Options):
         _check_writable_directory("server.control_socket", control)
         if self.config.log.mail_log:
             _check_writable_file("log.mail_log", self.config.log.mail_log)
-        self.queue_lock = _lock_queue(self.config.queue.directory)
+        self.queue_lock = None
+        if not self.worker:
+            self.queue_lock = _lock_queue(self.config.queue.directory)
 
 
 def _check_writable_directory(key: str, path: str) -> None:
@@ -202,7 +208,12 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     return build_service(
-        options.config, options.tls, options.mailboxes, reactor, options.users
+        options.config,
+        options.tls,
+        options.mailboxes,
+        reactor,
+        options.users,
+        config_path=options["config"],
     )
 
 
@@ -213,19 +224,14 @@ def build_service(
     reactor: Any,
     users: auth.Users | None = None,
     outbound: DeliveryAgent | None = None,
+    config_path: str | None = None,
 ) -> MailxService:
     """Assemble the whole server; tests call this with their own reactor."""
     service = MailxService(config, tls)
-    if users is None:
-        users = auth.load_users(config.auth.users_file)
-
-    def run_io(work: Callable[[], _T]) -> Deferred[_T]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
-
-    store = LocalStore(config.mailboxes.root, mailboxes, GroupCommit(run_io))
+    parts = _Parts(config, tls, mailboxes, reactor, users)
     if outbound is None:
         outbound = agent_from_config(reactor, config)
-    agent = LocalFirstAgent(store, config.domains.local, outbound)
+    agent = LocalFirstAgent(parts.store, config.domains.local, outbound)
     spool = Spool(
         config.queue.directory,
         reactor,
@@ -239,63 +245,200 @@ def build_service(
         control_socket=config.server.control_socket,
     )
     spool.setServiceParent(service)  # type: ignore[no-untyped-call]
-    router = Router(store, spool)
-    policy = RelayPolicy(
-        config.domains.local,
-        config.domains.backup,
-        config.relay.networks,
-        lambda address: bool(mailboxes.resolve(address)),
-        backup_check=backup_check_from_config(config, reactor),
-        sender_addresses=users.sender_addresses,
-    )
-    # auth wiring (issue 3): the authenticator for AUTH PLAIN and LOGIN.
-    authenticator = auth.build_authenticator(
-        users, reactor, config.limits.max_auth_failures, run_io
-    )
-    limits = ConnectionLimits(
-        config.limits.max_connections, config.limits.max_connections_per_client
-    )
+    router = Router(parts.store, spool)
 
-    def session_config(require_auth: bool, tls_available: bool) -> SessionConfig:
+    listeners = []
+    for name, endpoint, factory in parts.factories(router, service):
+        listener = _Listener(serverFromString(reactor, endpoint), factory, name)
+        listener.setServiceParent(service)  # type: ignore[no-untyped-call]
+        listeners.append(listener)
+
+    if config.server.workers > 1:
+        handoff = parts.handoff_factory(router, service)
+        path = handoff_path(config.server.control_socket)
+        unix = UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
+        _Listener(unix, handoff, "handoff").setServiceParent(  # type: ignore[no-untyped-call]
+            service
+        )
+        pool = WorkerPool(reactor, config.server.workers, config_path, listeners)
+        pool.setServiceParent(service)  # type: ignore[no-untyped-call]
+    return service
+
+
+def build_worker(
+    options: Options, reactor: Any, listeners: list[tuple[int, int, int]]
+) -> MailxService:
+    """
+    A worker process's server (mailx.workers): the same listeners, adopted
+    from the main process by (index, file descriptor, address family), and
+    mail to pass on handed to the main process.
+    """
+    config = options.config
+    service = MailxService(config, options.tls)
+    parts = _Parts(config, options.tls, options.mailboxes, reactor, options.users)
+    queue = HandoffQueue(
+        reactor, handoff_path(config.server.control_socket), config.server.hostname
+    )
+    router = Router(parts.store, queue)
+    factories = list(parts.factories(router, service))
+    for index, descriptor, family in listeners:
+        name, _, factory = factories[index]
+        adopted = _AdoptedListener(reactor, descriptor, family, factory, name)
+        adopted.setServiceParent(service)  # type: ignore[no-untyped-call]
+    return service
+
+
+class _Parts:
+    """What the main process and the workers build alike."""
+
+    def __init__(
+        self,
+        config: Config,
+        tls: ReloadableContext | None,
+        mailboxes: local_recipients.LocalRecipients,
+        reactor: Any,
+        users: auth.Users | None,
+    ) -> None:
+        self.config = config
+        self.tls = tls
+        self.reactor = reactor
+        if users is None:
+            users = auth.load_users(config.auth.users_file)
+
+        def run_io(work: Callable[[], _T]) -> Deferred[_T]:
+            return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+        self.store = LocalStore(config.mailboxes.root, mailboxes, GroupCommit(run_io))
+        self.policy = RelayPolicy(
+            config.domains.local,
+            config.domains.backup,
+            config.relay.networks,
+            lambda address: bool(mailboxes.resolve(address)),
+            backup_check=backup_check_from_config(config, reactor),
+            sender_addresses=users.sender_addresses,
+        )
+        # auth wiring (issue 3): the authenticator for AUTH PLAIN and LOGIN.
+        self.authenticator = auth.build_authenticator(
+            users, reactor, config.limits.max_auth_failures, run_io
+        )
+        self.limits = ConnectionLimits(
+            config.limits.max_connections, config.limits.max_connections_per_client
+        )
+
+    def session_config(
+        self, require_auth: bool, tls_available: bool, add_trace: bool = True
+    ) -> SessionConfig:
+        limits = self.config.limits
         return SessionConfig(
-            hostname=config.server.hostname,
-            max_message_size=config.limits.max_message_size,
-            max_recipients=config.limits.max_recipients,
-            max_errors=config.limits.max_errors,
-            max_hops=config.limits.max_hops,
+            hostname=self.config.server.hostname,
+            max_message_size=limits.max_message_size,
+            max_recipients=limits.max_recipients,
+            max_errors=limits.max_errors,
+            max_hops=limits.max_hops,
             tls_available=tls_available,
             require_auth=require_auth,
+            add_trace=add_trace,
         )
 
-    listeners = (
-        [("smtp", endpoint, False, False) for endpoint in config.server.listen]
-        + [
-            ("submission", endpoint, True, False)
-            for endpoint in config.server.submission
-        ]
-        + [("smtps", endpoint, True, True) for endpoint in config.server.smtps]
-    )
+    def factories(
+        self, router: Router, service: MailxService
+    ) -> Iterator[tuple[str, str, Any]]:
+        """(listener name, endpoint string, factory) for every listener."""
+        server = self.config.server
+        listeners = (
+            [("smtp", endpoint, False, False) for endpoint in server.listen]
+            + [("submission", endpoint, True, False) for endpoint in server.submission]
+            + [("smtps", endpoint, True, True) for endpoint in server.smtps]
+        )
+        tls = self.tls
+        for name, endpoint, require_auth, implicit_tls in listeners:
+            starttls = tls is not None and not implicit_tls
+            settings = ListenerSettings(
+                name=name,
+                session=self.session_config(require_auth, starttls),
+                idle_timeout=self.config.limits.idle_timeout,
+                implicit_tls=implicit_tls,
+                tls=tls,
+            )
+            factory = SMTPServerFactory(
+                settings,
+                self.policy,
+                router,
+                self.reactor,
+                self.limits,
+                self.authenticator,
+            )
+            service.factories.append(factory)
+            wrapped: Any = factory
+            if implicit_tls:
+                assert tls is not None
+                wrapped = TLSMemoryBIOFactory(tls, False, factory)
+            yield name, endpoint, wrapped
 
-    for name, endpoint, require_auth, implicit_tls in listeners:
+    def handoff_factory(self, router: Router, service: MailxService) -> Any:
+        """The main process's listener for mail its workers pass on."""
         settings = ListenerSettings(
-            name=name,
-            session=session_config(require_auth, tls is not None and not implicit_tls),
-            idle_timeout=config.limits.idle_timeout,
-            implicit_tls=implicit_tls,
-            tls=tls,
+            name="handoff",
+            # The worker already added the trace header and counted hops.
+            session=self.session_config(False, False, add_trace=False),
+            idle_timeout=self.config.limits.idle_timeout,
         )
-        factory = SMTPServerFactory(
-            settings, policy, router, reactor, limits, authenticator
+        workers = self.config.server.workers
+        limits = ConnectionLimits(
+            self.config.limits.max_connections * workers,
+            self.config.limits.max_connections * workers,
         )
+        factory = SMTPServerFactory(settings, self.policy, router, self.reactor, limits)
         service.factories.append(factory)
-        wrapped: Any = factory
-        if implicit_tls:
-            assert tls is not None
-            wrapped = TLSMemoryBIOFactory(tls, False, factory)
-        listener = StreamServerEndpointService(
-            serverFromString(reactor, endpoint), wrapped
+        return factory
+
+
+class _Listener(Service):
+    """A listening port, bound before privileges are dropped."""
+
+    def __init__(self, endpoint: Any, factory: Any, name: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.name = name
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        outcome: list[Any] = []
+        # TCP and UNIX endpoints listen at once: the Deferred has fired.
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self.port is not None:
+            return cast("Deferred[None]", self.port.stopListening())
+        return None
+
+
+class _AdoptedListener(Service):
+    """A worker's share of one of the main process's listening sockets."""
+
+    def __init__(
+        self, reactor: Any, descriptor: int, family: int, factory: Any, name: str
+    ) -> None:
+        self.reactor = reactor
+        self.descriptor = descriptor
+        self.family = family
+        self.factory = factory
+        self.name = name
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.port = self.reactor.adoptStreamPort(
+            self.descriptor, socket.AddressFamily(self.family), self.factory
         )
-        # A port that cannot be bound stops the start with its error.
-        listener._raiseSynchronously = True
-        listener.setServiceParent(service)
-    return service
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self.port is not None:
+            return cast("Deferred[None]", self.port.stopListening())
+        return None

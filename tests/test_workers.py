@@ -1,0 +1,136 @@
+"""
+Worker processes (server.workers): real twistd processes on loopback.
+
+The main process is stopped with SIGSTOP so that only the worker can accept:
+what arrives then was served by the worker alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mailxproc import PROJECT, MailxProcess, basic_config, free_port
+
+pytestmark = pytest.mark.integration
+
+# Every wait here is bounded by this many seconds.
+WAIT = 20.0
+
+
+def worker_pids(main_pid: int) -> list[int]:
+    """The worker processes the main process started."""
+    found = subprocess.run(
+        ["pgrep", "-P", str(main_pid), "-f", "mailx.workers"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def wait_until(condition: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie waiting for init to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def start_two(tmp_path: Path) -> tuple[MailxProcess, int, int]:
+    port = free_port()
+    extra = '[dns]\nservers = ["127.0.0.1:9"]\ntimeout = 1\n'
+    config = basic_config(port, extra=extra).replace(
+        "[server]\n", "[server]\nworkers = 2\n"
+    )
+    server = MailxProcess(tmp_path / "mx", config, port=port)
+    server.start()
+    assert server.process is not None
+    main = server.process.pid
+    wait_until(lambda: len(worker_pids(main)) == 1, "the worker")
+    return server, main, worker_pids(main)[0]
+
+
+def test_a_worker_serves_alone_and_hands_relay_mail_to_the_queue(
+    tmp_path: Path,
+) -> None:
+    """With the main process stopped the worker delivers local mail, and
+    queues relayed mail through the main process once it runs again."""
+    server, main, _ = start_two(tmp_path)
+    try:
+        os.kill(main, signal.SIGSTOP)
+        try:
+            with smtplib.SMTP(server.address, server.port, timeout=WAIT) as client:
+                client.sendmail(
+                    "s@example.net", ["alice@example.org"], b"Subject: w\r\n\r\nx\r\n"
+                )
+            assert len(server.messages("example.org", "alice")) == 1
+
+            outcome: list[object] = []
+
+            def relay() -> None:
+                with smtplib.SMTP("127.0.0.1", server.port, timeout=WAIT) as client:
+                    outcome.append(
+                        client.sendmail(
+                            "alice@example.org",
+                            ["bob@remote.example"],
+                            b"Subject: r\r\n\r\ny\r\n",
+                        )
+                    )
+
+            sender = threading.Thread(target=relay)
+            sender.start()
+            time.sleep(0.5)
+            # The worker waits for the main process before it says 250.
+            assert outcome == []
+        finally:
+            os.kill(main, signal.SIGCONT)
+        sender.join(WAIT)
+        assert outcome == [{}]
+        listing = subprocess.run(
+            [
+                str(PROJECT / ".venv/bin/mailx"),
+                "queue",
+                "list",
+                "--config",
+                "mailx.toml",
+            ],
+            cwd=server.workdir,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "bob@remote.example" in listing
+    finally:
+        server.stop()
+    (stored,) = server.messages("example.org", "alice")
+    # One trace header: the handoff adds none.
+    assert stored.count(b"Received: ") == 1
+
+
+def test_workers_end_with_their_main_process(tmp_path: Path) -> None:
+    """SIGTERM stops the workers too; after a SIGKILL they stop by themselves."""
+    server, _, worker = start_two(tmp_path)
+    server.stop()
+    wait_until(lambda: not alive(worker), "the worker to stop with SIGTERM")
+
+    server, _, worker = start_two(tmp_path / "again")
+    server.kill()
+    wait_until(lambda: not alive(worker), "the worker to notice its parent died")
