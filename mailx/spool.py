@@ -203,6 +203,8 @@ class SpoolStore:
         self.tmp = os.path.join(directory, "tmp")
         self.content = os.path.join(directory, "content")
         self.envelope = os.path.join(directory, "envelope")
+        # Messages whose envelope cannot be read: kept for the operator.
+        self.corrupt = os.path.join(directory, "corrupt")
         self._fault_hook = fault_hook
         self._syncfs = syncfs
 
@@ -390,6 +392,13 @@ class SpoolStore:
             try:
                 message = self.load(name)
             except (OSError, ValueError):
+                # Never deleted unread: both files go aside, out of the queue.
+                os.makedirs(self.corrupt, mode=0o700, exist_ok=True)
+                for kind, path in (
+                    ("envelope", self.envelope_path(name)),
+                    ("content", self.content_path(name)),
+                ):
+                    os.replace(path, os.path.join(self.corrupt, f"{name}.{kind}"))
                 removed.append(os.path.join("envelope", name))
                 continue
             found.append(
@@ -580,7 +589,11 @@ class Spool(Service):
     def _recovered(self, result: tuple[list[Recovered], list[str]]) -> int:
         found, removed = result
         for name in removed:
-            log.warn("removed partial spool file {name}", name=name)
+            log.warn(
+                "took {name} out of the queue (partial, orphaned or unreadable;"
+                " unreadable ones are kept in corrupt/)",
+                name=name,
+            )
         for item in found:
             # The lifetime applies to messages queued before it changed.
             when = min(item.next_attempt, self.policy.expires_at(item.arrival))
