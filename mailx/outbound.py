@@ -32,6 +32,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from twisted.internet import error
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IAddress, IDelayedCall
@@ -353,7 +354,7 @@ class OutboundAgent:
         except Exception as reason:
             self.health.mark_down(address)
             failure = replies.CONNECT_FAILED.with_text(
-                f"{replies.CONNECT_FAILED.text}: {type(reason).__name__}"
+                f"{replies.CONNECT_FAILED.text}: {_connect_error_words(reason)}"
             )
             return SessionOutcome(failure=failure)
 
@@ -573,3 +574,15 @@ def _walk_failure(failures: list[Reply]) -> Reply:
     if transient:
         return transient[-1]
     return failures[-1]
+
+
+def _connect_error_words(reason: Exception) -> str:
+    """Plain words for why a connection failed, for the log and the DSN."""
+    if isinstance(reason, ConnectionRefusedError | error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, TimeoutError | error.TimeoutError):
+        return "connection timed out"
+    if isinstance(reason, error.NoRouteError):
+        return "no route to host"
+    words = str(reason).strip().rstrip(".")
+    return words or type(reason).__name__

@@ -230,6 +230,7 @@ class ResolutionTests(OutboundTestCase):
         agent = self.start({"127.0.0.8": Script()})
         results = await self.send(agent, ["b@self.test"])
         assert self.codes(results) == ["451 4.4.1"]
+        assert results[0].reply.text == "No answer from next hop: connection refused"
         assert self.peers.peer("127.0.0.8").connections == 0
 
     async def test_self_as_best_is_a_loop(self) -> None:
