@@ -33,7 +33,6 @@ import contextlib
 import os
 import random
 import re
-import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from mailx import durable, replies
 from mailx.address import Address, parse_mailbox
 from mailx.dsn import Action, RecipientReport, Report, build_report
 from mailx.envelope import Body, Envelope, Route
+from mailx.ids import new_message_id
 from mailx.maillog import maillog
 from mailx.queue import (
     MessageKind,
@@ -477,8 +477,8 @@ class GroupJob(Generic[_Item, _Result]):
 
 
 def new_queue_id(now: float) -> str:
-    """A queue id: microseconds since the epoch in hex, then 40 random bits."""
-    return f"{int(now * 1_000_000):014X}{secrets.token_hex(5).upper()}"
+    """A queue id of the same form as the server's (mailx.ids)."""
+    return new_message_id(now)
 
 
 def _parse_copy_address(value: str | Address | None) -> Address | None:
