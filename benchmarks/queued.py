@@ -8,6 +8,8 @@ The harness fills mailx's spool directory through mailx's own SpoolStore
 next hop on another loopback address, then starts mailx and measures:
 
 - serving: seconds from starting the process to its first 220 greeting;
+- scheduled: seconds until mailx logs "recovered N queued messages", that is
+  until every message on disk is in its schedule (N is checked);
 - first delivery: seconds until the first message is stored at the next hop;
 - drained (with ``--drain``): seconds until every message is there, checked
   exactly once by Message-Id;
@@ -23,6 +25,7 @@ serves, and the table says how many messages had arrived by then.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import time
@@ -61,6 +64,7 @@ class QueuedResult:
     messages: int
     fill_seconds: float = 0.0
     serving_seconds: float = 0.0
+    scheduled_seconds: float = 0.0
     first_delivery_seconds: float = 0.0
     drained_seconds: float = 0.0
     delivered: int = 0
@@ -121,6 +125,10 @@ def measure(options: argparse.Namespace, workdir: Path) -> QueuedResult:
         started = time.monotonic()
         mailx.start()
         result.serving_seconds = time.monotonic() - started
+        recovered = _wait_for_recovery(mailx, options.timeout)
+        result.scheduled_seconds = time.monotonic() - started
+        if recovered != options.messages:
+            raise ServerError(f"mailx recovered {recovered} of {options.messages}")
         _watch(mailx, sink, started, result, options)
     except ServerError as error:
         result.error = f"{type(error).__name__}: {error}"
@@ -128,6 +136,22 @@ def measure(options: argparse.Namespace, workdir: Path) -> QueuedResult:
         mailx.stop()
         sink.stop()
     return result
+
+
+RECOVERED = re.compile(r"recovered (\d+) queued messages")
+
+
+def _wait_for_recovery(mailx: CommandServer, timeout: float) -> int | None:
+    """Wait for the recovery line in mailx's log; the count it gives."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = RECOVERED.search(mailx.log_path.read_text(errors="replace"))
+        if found:
+            return int(found[1])
+        if not mailx.running():
+            raise ServerError("mailx exited during recovery")
+        time.sleep(POLL_INTERVAL)
+    return None
 
 
 def _watch(
@@ -162,6 +186,7 @@ def format_result(result: QueuedResult, options: argparse.Namespace) -> str:
         f"mailx starting with {result.messages} queued messages of about "
         f"{options.size} bytes (spool filled in {result.fill_seconds:.1f} s)",
         f"  serving after        {result.serving_seconds:8.2f} s",
+        f"  all scheduled after  {result.scheduled_seconds:8.2f} s",
         f"  first delivery after {result.first_delivery_seconds:8.2f} s",
     ]
     if options.drain:
