@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.python.failure import Failure
 
 from mailx import maildir, replies
 from mailx.address import Address
+from mailx.batching import GroupJob, IORunner
 from mailx.envelope import Envelope, Recipient, Route
 from mailx.maillog import maillog
 from mailx.replies import Reply
@@ -49,54 +49,30 @@ class Queue(Protocol):
     def enqueue(self, envelope: Envelope, content: bytes) -> Deferred[str]: ...
 
 
-class GroupCommit:
+class GroupCommit(GroupJob[list[tuple[str, bytes]], None]):
     """
-    Collects Maildir deliveries and writes them in batches: while one batch
-    is being made durable the next one gathers, so messages that arrive
-    together share one sync (``maildir.deliver_batch``).
+    Maildir deliveries in batches: each submission is the (Maildir, stored
+    form) jobs of one message, and all the submissions waiting when a batch
+    starts share one sync (``maildir.deliver_batch``).
     """
 
-    def __init__(self, run_io: RunIO[list[str | OSError]]) -> None:
-        self.run_io = run_io
-        self._waiting: list[tuple[list[tuple[str, bytes]], Deferred[None]]] = []
-        self._busy = False
+    def __init__(self, run_io: IORunner) -> None:
+        super().__init__(run_io, _deliver_submissions)
 
-    def submit(self, jobs: list[tuple[str, bytes]]) -> Deferred[None]:
-        """Fire once every job is durable, or fail with the first error."""
-        done: Deferred[None] = Deferred()
-        self._waiting.append((jobs, done))
-        self._next_batch()
-        return done
 
-    def _next_batch(self) -> None:
-        if self._busy or not self._waiting:
-            return
-        batch, self._waiting = self._waiting, []
-        self._busy = True
-        jobs = [job for submitted, _ in batch for job in submitted]
-        written = self.run_io(lambda: maildir.deliver_batch(jobs))
-
-        def report(results: list[str | OSError]) -> None:
-            start = 0
-            for submitted, done in batch:
-                mine = results[start : start + len(submitted)]
-                start += len(submitted)
-                errors = [r for r in mine if isinstance(r, OSError)]
-                if errors:
-                    done.errback(errors[0])
-                else:
-                    done.callback(None)
-
-        def failed(failure: Failure) -> None:
-            for _, done in batch:
-                done.errback(failure)
-
-        def finished(_: object) -> None:
-            self._busy = False
-            self._next_batch()
-
-        written.addCallbacks(report, failed)
-        written.addBoth(finished)
+def _deliver_submissions(
+    submissions: list[list[tuple[str, bytes]]],
+) -> list[OSError | None]:
+    """One result a submission: None, or the first error among its jobs."""
+    results = maildir.deliver_batch([job for jobs in submissions for job in jobs])
+    outcomes: list[OSError | None] = []
+    start = 0
+    for jobs in submissions:
+        mine = results[start : start + len(jobs)]
+        start += len(jobs)
+        errors = [result for result in mine if isinstance(result, OSError)]
+        outcomes.append(errors[0] if errors else None)
+    return outcomes
 
 
 class LocalStore:

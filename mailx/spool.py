@@ -36,7 +36,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import (
@@ -60,6 +60,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailx import durable, replies
 from mailx.address import Address, parse_mailbox
+from mailx.batching import GroupJob, IORunner
 from mailx.dsn import Action, RecipientReport, Report, build_report
 from mailx.envelope import Body, Envelope, Route
 from mailx.ids import new_message_id
@@ -75,8 +76,6 @@ from mailx.queue import (
 from mailx.replies import Reply, ReplyError
 
 _T = TypeVar("_T")
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
 
 # The mail log: one line per business event, parsed by operators' tools.
 log = Logger()
@@ -135,12 +134,6 @@ class DeliveryAgent(Protocol):
         Every recipient gets a reply: 2xx delivered, 4xx temporary, 5xx
         permanent.  It never fails for delivery problems.
         """
-
-
-class IORunner(Protocol):
-    """Runs blocking work away from the reactor thread."""
-
-    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]: ...
 
 
 class UnknownMessage(KeyError):
@@ -405,75 +398,6 @@ class SpoolStore:
                 Recovered(name, message.next_attempt, message.hold, message.arrival)
             )
         return found, removed
-
-
-class GroupJob(Generic[_Item, _Result]):
-    """
-    Runs submitted items in batches through one blocking ``work`` call at a
-    time: items that arrive while a batch runs wait and form the next batch.
-    ``work`` returns one result per item, an ``OSError`` for an item that
-    failed alone; if it raises, every item of its batch fails.
-    """
-
-    def __init__(
-        self,
-        run_io: IORunner,
-        work: Callable[[list[_Item]], Sequence[_Result | OSError]],
-    ) -> None:
-        self._run_io = run_io
-        self._work = work
-        self._waiting: list[tuple[_Item, Deferred[_Result]]] = []
-        # Fires when the batch under way is done; None when none is.
-        self.running: Deferred[None] | None = None
-        self._drain_waiters: list[Deferred[None]] = []
-
-    def drained(self) -> Deferred[None]:
-        """Fire once no batch is under way and no item waits."""
-        if self.running is None and not self._waiting:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._drain_waiters.append(waiter)
-        return waiter
-
-    def submit(self, item: _Item) -> Deferred[_Result]:
-        """Fire with the item's result once its batch is done."""
-        done: Deferred[_Result] = Deferred()
-        self._waiting.append((item, done))
-        if self.running is None:
-            self._next_batch()
-        return done
-
-    def _next_batch(self) -> None:
-        batch, self._waiting = self._waiting, []
-        items = [item for item, _ in batch]
-        # Set before the work starts: an I/O runner may finish it at once,
-        # and items submitted meanwhile must wait for the next batch.
-        running: Deferred[None] = Deferred()
-        self.running = running
-
-        def report(results: Sequence[_Result | OSError]) -> None:
-            for (_, done), result in zip(batch, results, strict=True):
-                if isinstance(result, OSError):
-                    done.errback(Failure(result))  # type: ignore[no-untyped-call]
-                else:
-                    done.callback(result)
-
-        def failed(failure: Failure) -> None:
-            for _, done in batch:
-                done.errback(failure)
-
-        def finished(_: object) -> None:
-            self.running = None
-            running.callback(None)
-            if self._waiting and self.running is None:
-                self._next_batch()
-            elif self.running is None:
-                waiters, self._drain_waiters = self._drain_waiters, []
-                for waiter in waiters:
-                    waiter.callback(None)
-
-        work = self._run_io(lambda: self._work(items))
-        work.addCallbacks(report, failed).addBoth(finished)
 
 
 def new_queue_id(now: float) -> str:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from twisted.internet.defer import Deferred
 
 from mailx import maildir
 from mailx.router import GroupCommit
+
+_T = TypeVar("_T")
 
 
 def test_batch_delivers_every_message(tmp_path: Path) -> None:
@@ -71,14 +74,10 @@ class ManualIO:
     """Runs submitted work only when the test says so."""
 
     def __init__(self) -> None:
-        self.queue: list[
-            tuple[Callable[[], list[str | OSError]], Deferred[list[str | OSError]]]
-        ] = []
+        self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
 
-    def __call__(
-        self, work: Callable[[], list[str | OSError]]
-    ) -> Deferred[list[str | OSError]]:
-        done: Deferred[list[str | OSError]] = Deferred()
+    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]:
+        done: Deferred[_T] = Deferred()
         self.queue.append((work, done))
         return done
 

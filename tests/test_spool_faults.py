@@ -421,9 +421,7 @@ class OneMailbox:
         return [self]
 
 
-def failing_disk(
-    work: Callable[[], list[str | OSError]],
-) -> Deferred[list[str | OSError]]:
+def failing_disk(work: Callable[[], _T]) -> Deferred[_T]:
     """An I/O runner on a disk that fails every write."""
     return fail(OSError(28, "No space left on device"))
 
