@@ -13,6 +13,7 @@ for the twistd log.
 
 from __future__ import annotations
 
+import string
 import time
 from typing import IO
 
@@ -53,6 +54,9 @@ class MailLogFile:
         self._stamp = ""
 
     def __call__(self, event: LogEvent) -> None:
+        if "log_failure" in event:
+            # A traceback belongs in the twistd log as well, where it is kept.
+            globalLogPublisher(event)
         when = event.get("log_time") or time.time()
         second = int(when)
         if second != self._second:
@@ -61,6 +65,50 @@ class MailLogFile:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(when))
         level = event.get("log_level")
         level_name = level.name if level is not None else "info"
-        text = formatEvent(event).replace("\n", "\n\t")
+        text = _render(event).replace("\n", "\n\t")
         self.file.write(f"{self._stamp} [{MAIL_NAMESPACE}#{level_name}] {text}\n")
         self.file.flush()
+
+
+# Format string -> its parts (literal text, field name, format spec), or None
+# where it needs more than plain named fields.
+_Parts = list[tuple[str, str | None, str]]
+_parsed: dict[str, _Parts | None] = {}
+
+
+def _render(event: LogEvent) -> str:
+    """The event's text: its format string with its named fields filled in.
+
+    The mail log formats are plain ``{name}`` and ``{name:spec}`` fields, so
+    each is parsed once; anything else falls back to Twisted's formatEvent.
+    """
+    template = event.get("log_format")
+    if not isinstance(template, str):
+        return formatEvent(event)
+    if template not in _parsed:
+        _parsed[template] = _parse(template)
+    parts = _parsed[template]
+    if parts is None:
+        return formatEvent(event)
+    pieces = []
+    try:
+        for literal, field, spec in parts:
+            pieces.append(literal)
+            if field is not None:
+                value = event[field]
+                pieces.append(format(value, spec) if spec else str(value))
+    except (KeyError, ValueError, TypeError):
+        return formatEvent(event)
+    return "".join(pieces)
+
+
+def _parse(template: str) -> _Parts | None:
+    parts: _Parts = []
+    try:
+        for literal, field, spec, conversion in string.Formatter().parse(template):
+            if field is not None and (conversion or not field.isidentifier()):
+                return None
+            parts.append((literal, field, spec or ""))
+    except ValueError:
+        return None
+    return parts

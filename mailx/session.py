@@ -174,7 +174,7 @@ class _DataReader:
         if segment.count(b"\r") != crlf or segment.count(b"\n") != crlf:
             self.bare_line_ending = True
         if not self.line_too_long:
-            longest = max(len(line) for line in segment.split(b"\r\n"))
+            longest = max(map(len, segment.split(b"\r\n")))
             self.line_too_long = longest + 2 > MAX_TEXT_LINE
         # RFC 5321 section 4.5.2: drop the first of a line's leading dots.
         if self.at_line_start and segment.startswith(b"."):
@@ -983,9 +983,7 @@ def _check_text(content: bytes) -> Reply | None:
     crlf = content.count(b"\r\n")
     if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
         return replies.BARE_LINE_ENDING
-    if content and max(len(line) for line in content.split(b"\r\n")) + 2 > (
-        MAX_TEXT_LINE
-    ):
+    if content and max(map(len, content.split(b"\r\n"))) + 2 > (MAX_TEXT_LINE):
         return replies.LINE_IN_DATA_TOO_LONG
     return None
 

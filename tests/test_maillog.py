@@ -1,0 +1,69 @@
+"""The mail log file: one line an event, rendered as Twisted would."""
+
+from __future__ import annotations
+
+import io
+from typing import cast
+
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    formatEvent,
+    globalLogPublisher,
+)
+from twisted.python.failure import Failure
+
+from mailx.maillog import MailLogFile
+
+
+def event(template: str, **fields: object) -> LogEvent:
+    return {
+        "log_format": template,
+        "log_time": 1_700_000_000.5,
+        "log_level": LogLevel.info,
+        "log_namespace": "mailx.mail",
+        **fields,
+    }
+
+
+def test_lines_match_twisted_rendering() -> None:
+    """Each line is a timestamp, the namespace and level, and the text."""
+    out = io.StringIO()
+    log = MailLogFile(out)
+    cases = [
+        event(
+            "connect from [{client_address}]:{client_port}",
+            client_address="::1",
+            client_port=25,
+        ),
+        event("expired {message_id} age={age:.0f}", message_id="ID", age=12.6),
+        event("plain text with {{braces}}"),
+        event("{missing} field"),
+        event("{a.b} attribute", a=object()),
+    ]
+    for case in cases:
+        log(case)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == len(cases)
+    for line, case in zip(lines, cases, strict=True):
+        stamp, tag, text = line.split(" ", 2)
+        assert stamp.startswith("2023-11-1")
+        assert tag == "[mailx.mail#info]"
+        assert text == formatEvent(case)
+    assert lines[0].endswith("connect from [::1]:25")
+    assert lines[1].endswith("expired ID age=13")
+
+
+def test_a_failure_also_reaches_the_twistd_log() -> None:
+    """An event with a traceback is kept in the twistd log as well."""
+    seen: list[LogEvent] = []
+    observer = cast(ILogObserver, seen.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        failed = event("storing failed")
+        failed["log_failure"] = Failure(OSError("disk full"))  # type: ignore[no-untyped-call]
+        MailLogFile(io.StringIO())(failed)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert seen == [failed]
