@@ -20,7 +20,8 @@ The input is read in one of three modes:
   (RFC 5321 section 4.1.1.4), with dot-stuffing undone (section 4.5.2);
 - BDAT chunks, read as exactly the announced number of octets (RFC 3030).
 
-A bare CR or LF never ends a command or a message.  Message text that holds
+The two message readers are in ``mailx.text``.  A bare CR or LF never ends
+a command or a message.  Message text that holds
 one is rejected after its end (554 5.6.11), as is a text line over 1000
 octets (554 5.6.0, section 4.5.3.1.6): the reply comes only at the real end
 of the message, so nothing in the body is ever read as a command.
@@ -65,11 +66,10 @@ from mailx.envelope import (
 from mailx.ids import new_message_id
 from mailx.maillog import maillog
 from mailx.replies import Reply
+from mailx.text import Chunks, DataReader, check_text
 
 # RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets with CRLF.
 MAX_COMMAND_LINE = 512
-# RFC 5321 section 4.5.3.1.6: a text line is at most 1000 octets with CRLF.
-MAX_TEXT_LINE = 1000
 # RFC 4954 section 4: a SASL response line may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
 
@@ -131,93 +131,6 @@ class SessionConfig:
     add_trace: bool = True
 
 
-class _DataReader:
-    """Reads message text after 354 up to CRLF "." CRLF, bounded in memory."""
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.at_line_start = True
-        self.too_big = False
-        self.line_too_long = False
-        self.bare_line_ending = False
-
-    def feed(self, buffer: bytearray) -> tuple[int, bool]:
-        """Consume what can be consumed: (octets consumed, message ended)."""
-        if self.at_line_start and buffer.startswith(b".\r\n"):
-            return 3, True
-        end = buffer.find(b"\r\n.\r\n")
-        if end >= 0:
-            self._take(bytes(buffer[: end + 2]))
-            return end + 5, True
-        last = buffer.rfind(b"\r\n")
-        if last >= 0:
-            self._take(bytes(buffer[: last + 2]))
-            consumed = last + 2
-        else:
-            consumed = 0
-        pending = len(buffer) - consumed
-        if pending > MAX_TEXT_LINE:
-            # An over-long line: keep only its last octet, which may be the CR
-            # of the CRLF that ends it.
-            self.line_too_long = True
-            self.at_line_start = False
-            self.size += pending - 1
-            self.too_big = self.too_big or self.size > self.max_size
-            consumed = len(buffer) - 1
-        return consumed, False
-
-    def _take(self, segment: bytes) -> None:
-        """Keep whole lines; ``segment`` ends with CRLF."""
-        crlf = segment.count(b"\r\n")
-        if segment.count(b"\r") != crlf or segment.count(b"\n") != crlf:
-            self.bare_line_ending = True
-        if not self.line_too_long:
-            longest = max(map(len, segment.split(b"\r\n")))
-            self.line_too_long = longest + 2 > MAX_TEXT_LINE
-        # RFC 5321 section 4.5.2: drop the first of a line's leading dots.
-        if self.at_line_start and segment.startswith(b"."):
-            segment = segment[1:]
-        segment = segment.replace(b"\r\n.", b"\r\n")
-        self.at_line_start = True
-        self.size += len(segment)
-        if self.size > self.max_size:
-            self.too_big = True
-            self.parts.clear()
-        elif not (self.line_too_long or self.bare_line_ending):
-            self.parts.append(segment)
-
-    def failure(self) -> Reply | None:
-        if self.too_big:
-            return replies.SIZE_EXCEEDED
-        if self.bare_line_ending:
-            return replies.BARE_LINE_ENDING
-        if self.line_too_long:
-            return replies.LINE_IN_DATA_TOO_LONG
-        return None
-
-
-class _Chunks:
-    """The octets of one BDAT transfer (RFC 3030), bounded in memory."""
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def add(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.max_size:
-            self.parts.clear()
-        else:
-            self.parts.append(data)
-
-    @property
-    def too_big(self) -> bool:
-        return self.size > self.max_size
-
-
 class Session:
     """One SMTP session, from greeting to close."""
 
@@ -253,8 +166,8 @@ class Session:
         self._buffer = bytearray()
         self._pending_output: list[bytes] = []
         self._overlong_command = False
-        self._reader: _DataReader | None = None
-        self._chunks: _Chunks | None = None
+        self._reader: DataReader | None = None
+        self._chunks: Chunks | None = None
         self._chunk_remaining = 0
         self._chunk_last = False
         self._chunk_discard = False
@@ -649,7 +562,7 @@ class Session:
             self._error(replies.BINARY_NEEDS_BDAT)
             return
         self._reply(replies.START_DATA)
-        self._reader = _DataReader(self.config.max_message_size)
+        self._reader = DataReader(self.config.max_message_size)
         self.mode = Mode.DATA
 
     def _bdat(self, argument: str) -> None:
@@ -678,7 +591,7 @@ class Session:
             self._chunk_discard = True
             self._chunk_refusal = replies.RCPT_FIRST
         elif self._chunks is None:
-            self._chunks = _Chunks(self.config.max_message_size)
+            self._chunks = Chunks(self.config.max_message_size)
             self.state = State.BDAT
         if self._chunk_remaining:
             self.mode = Mode.CHUNK
@@ -701,7 +614,7 @@ class Session:
         content = b"".join(chunks.parts)
         assert self.envelope is not None
         if self.envelope.body is not Body.BINARY:
-            failure = _check_text(content)
+            failure = check_text(content)
             if failure is not None:
                 self._reject_message(failure)
                 return
@@ -976,16 +889,6 @@ def _dsn_parameters(
         else:
             raise AddressError(replies.UNKNOWN_PARAMETER)
     return notify, orcpt
-
-
-def _check_text(content: bytes) -> Reply | None:
-    """Line rules for a message sent by BDAT without BODY=BINARYMIME."""
-    crlf = content.count(b"\r\n")
-    if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
-        return replies.BARE_LINE_ENDING
-    if content and max(map(len, content.split(b"\r\n"))) + 2 > (MAX_TEXT_LINE):
-        return replies.LINE_IN_DATA_TOO_LONG
-    return None
 
 
 def _address_literal(address: str) -> str:
