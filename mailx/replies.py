@@ -8,6 +8,7 @@ and tests can name what they expect.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -41,6 +42,11 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """Encode per RFC 5321 section 4.2.1: ``code-text`` lines, last ``code sp``."""
+        return self._wire
+
+    @functools.cached_property
+    def _wire(self) -> bytes:
+        # Computed once a reply: most replies are module constants.
         lines = self.lines()
         out = []
         for index, line in enumerate(lines):
