@@ -2,8 +2,10 @@
 ``twistd mailx``: command-line options and the service tree.
 
 Everything that can be wrong with the configuration (the TOML itself, the
-TLS certificate and key, the aliases file) is checked while the options are
-parsed, so a bad start says one clear thing and starts nothing.
+TLS certificate and key, the aliases and users files, directories that
+cannot be written, a queue another server holds) is checked while the
+options are parsed, and a port that cannot be bound while the listeners
+start, so a bad start says one clear line and serves nothing.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class MailxService(MultiService):
         self.config = config
         self.tls = tls
         self.factories: list[SMTPServerFactory] = []
+        self.workers: WorkerPool | None = None
         self._mail_log_file: IO[str] | None = None
 
     def privilegedStartService(self) -> None:
@@ -176,10 +179,17 @@ class MailxService(MultiService):
         for factory in self.factories:
             factory.shut_down()
         result = super().stopService()  # type: ignore[no-untyped-call]
+        # The spool may still log while its attempts end: close afterwards.
+        if isinstance(result, Deferred):
+            return result.addBoth(self._close_mail_log)
+        self._close_mail_log(None)
+        return None
+
+    def _close_mail_log(self, result: object) -> None:
         if self._mail_log_file is not None:
             maillog_router.destination = globalLogPublisher
             self._mail_log_file.close()
-        return cast("Deferred[None] | None", result)
+            self._mail_log_file = None
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         from twisted.internet import reactor
@@ -197,6 +207,8 @@ class MailxService(MultiService):
             )
             return
         maillog.info("TLS certificate reloaded from {path}", path=self.tls.certificate)
+        if self.workers is not None:
+            self.workers.signal_all("HUP")
 
     def _open_mail_log(self, path: str) -> None:
         """Send the mail log to its own file, instead of the twistd log."""
@@ -262,6 +274,7 @@ def build_service(
         )
         pool = WorkerPool(reactor, config.server.workers, config_path, listeners)
         pool.setServiceParent(service)  # type: ignore[no-untyped-call]
+        service.workers = pool
     return service
 
 

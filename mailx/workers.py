@@ -187,6 +187,11 @@ class WorkerPool(Service):
         self.processes[index] = (protocol, transport)
         log.info("worker {index} started, pid {pid}", index=index, pid=transport.pid)
 
+    def signal_all(self, name: str) -> None:
+        """Pass a signal on to every worker (SIGHUP: read the certificate)."""
+        for _, transport in self.processes.values():
+            transport.signalProcess(name)
+
     def worker_ended(self, protocol: _WorkerProcess, reason: Failure) -> None:
         self.processes.pop(protocol.index, None)
         if not self.running:

@@ -8,6 +8,7 @@ what arrives then was served by the worker alone.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.mailxproc import PROJECT, MailxProcess, basic_config, free_port
+from tests.smtppeer import make_tls_identity
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +136,30 @@ def test_workers_end_with_their_main_process(tmp_path: Path) -> None:
     server, _, worker = start_two(tmp_path / "again")
     server.kill()
     wait_until(lambda: not alive(worker), "the worker to notice its parent died")
+
+
+def test_sighup_reaches_the_workers(tmp_path: Path) -> None:
+    """SIGHUP to the main process makes its workers re-read the certificate."""
+    identity = make_tls_identity("mx.example.org")
+    workdir = tmp_path / "mx"
+    workdir.mkdir()
+    (workdir / "server.pem").write_bytes(identity.server_pem)
+    port = free_port()
+    extra = '[tls]\ncertificate = "server.pem"\nkey = "server.pem"\n'
+    config = basic_config(port, extra=extra).replace(
+        "[server]\n", "[server]\nworkers = 2\n"
+    )
+    server = MailxProcess(workdir, config, port=port)
+    server.start()
+    try:
+        assert server.process is not None
+        main = server.process.pid
+        wait_until(lambda: len(worker_pids(main)) == 1, "the worker")
+        wait_until(lambda: "worker 1: " in server.log(), "the worker's first line")
+        os.kill(main, signal.SIGHUP)
+        wait_until(
+            lambda: re.search(r"worker 1: .*TLS certificate reloaded", server.log()),
+            "the worker's reload",
+        )
+    finally:
+        server.stop()
