@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -95,6 +96,11 @@ class Options(usage.Options):
         _check_writable_directory("server.control_socket", control)
         if self.config.log.mail_log:
             _check_writable_file("log.mail_log", self.config.log.mail_log)
+        if not self.worker:
+            server = self.config.server
+            for key in ("listen", "submission", "smtps"):
+                for endpoint in getattr(server, key):
+                    _check_port_free(f"server.{key}", endpoint)
         self.queue_lock = None
         if not self.worker:
             self.queue_lock = _lock_queue(self.config.queue.directory)
@@ -108,6 +114,32 @@ def _check_writable_directory(key: str, path: str) -> None:
         raise ConfigError(f"{key}: cannot create {path!r}: {error.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}: {path!r} is not writable")
+
+
+def _check_port_free(key: str, endpoint: str) -> None:
+    """
+    Bind a TCP endpoint's address once and let it go: a port in use (or not
+    ours to bind) is told here in one line.  Other endpoint types, and the
+    rare port taken in between, are told when the listeners start.
+    """
+    # Twisted endpoint strings escape the colons of IPv6 addresses.
+    kind, *arguments = re.split(r"(?<!\\):", endpoint)
+    if kind not in ("tcp", "tcp6") or not arguments or "=" in arguments[0]:
+        return
+    options = dict(argument.partition("=")[::2] for argument in arguments[1:])
+    interface = options.get("interface", "").replace("\\", "")
+    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+    if not interface:
+        interface = "::" if kind == "tcp6" else "0.0.0.0"
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((interface, int(arguments[0])))
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            raise ConfigError(
+                f"{key}: cannot listen on {interface}:{arguments[0]}: {reason}"
+            ) from None
 
 
 def _check_writable_file(key: str, path: str) -> None:
@@ -157,7 +189,9 @@ class MailxService(MultiService):
         try:
             super().privilegedStartService()  # type: ignore[no-untyped-call]
         except CannotListenError as error:
-            raise SystemExit(
+            # An exception, not SystemExit: a daemonizing twistd reports it
+            # to the terminal through its status pipe.
+            raise RuntimeError(
                 f"mailx: cannot listen on {error.interface or '*'}:{error.port}:"
                 f" {error.socketError}"
             ) from None
@@ -165,8 +199,9 @@ class MailxService(MultiService):
     def startService(self) -> None:
         if self.config.log.mail_log:
             self._open_mail_log(self.config.log.mail_log)
-        if self.tls is not None:
-            signal.signal(signal.SIGHUP, self._on_sighup)
+        # SIGHUP: re-read the certificate and reopen the mail log (after
+        # logrotate moved it); never the default, which ends the process.
+        signal.signal(signal.SIGHUP, self._on_sighup)
         super().startService()  # type: ignore[no-untyped-call]
         maillog.info(
             "mailx started as {hostname}; local={local} backup={backup}",
@@ -194,7 +229,17 @@ class MailxService(MultiService):
     def _on_sighup(self, signum: int, frame: object) -> None:
         from twisted.internet import reactor
 
-        cast(IReactorFromThreads, reactor).callFromThread(self._reload_tls)
+        cast(IReactorFromThreads, reactor).callFromThread(self._reload)
+
+    def _reload(self) -> None:
+        if self._mail_log_file is not None:
+            self._close_mail_log(None)
+            self._open_mail_log(self.config.log.mail_log)
+            maillog.info("mail log reopened")
+        if self.tls is not None:
+            self._reload_tls()
+        if self.workers is not None:
+            self.workers.signal_all("HUP")
 
     def _reload_tls(self) -> None:
         assert self.tls is not None
@@ -207,8 +252,6 @@ class MailxService(MultiService):
             )
             return
         maillog.info("TLS certificate reloaded from {path}", path=self.tls.certificate)
-        if self.workers is not None:
-            self.workers.signal_all("HUP")
 
     def _open_mail_log(self, path: str) -> None:
         """Send the mail log to its own file, instead of the twistd log."""
@@ -412,7 +455,8 @@ class _Listener(Service):
     def __init__(self, endpoint: Any, factory: Any, name: str) -> None:
         self.endpoint = endpoint
         self.factory = factory
-        self.name = name
+        # Not Service.name: a MultiService wants those unique.
+        self.listener = name
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -441,7 +485,8 @@ class _AdoptedListener(Service):
         self.descriptor = descriptor
         self.family = family
         self.factory = factory
-        self.name = name
+        # Not Service.name: a MultiService wants those unique.
+        self.listener = name
         self.port: Any = None
 
     def startService(self) -> None:

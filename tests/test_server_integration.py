@@ -5,10 +5,13 @@ as clients, checking the Maildir files on disk.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import smtplib
 import ssl
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -176,7 +179,10 @@ def test_unusable_paths_and_ports_stop_the_start(
     busy_port = mailx_server.port
     busy = MailxProcess(tmp_path / "b", basic_config(busy_port), port=busy_port)
     output = busy.run_refused()
-    assert f"mailx: cannot listen on 127.0.0.1:{busy_port}" in output
+    expected = (
+        f"mailx: configuration: server.listen: cannot listen on 127.0.0.1:{busy_port}"
+    )
+    assert expected in output
     assert "Traceback" not in output
 
 
@@ -198,3 +204,49 @@ def test_the_mail_log_file_takes_the_mail_events(tmp_path: Path) -> None:
     )
     assert any("accepted from=<s@example.net> nrcpt=1" in line for line in lines)
     assert "accepted from=" not in server.log()
+
+
+def test_several_listeners_and_ipv6(tmp_path: Path) -> None:
+    """Two listeners, one of them on ::1, both take mail."""
+    first, second = free_port(), free_port()
+    config = basic_config(first).replace(
+        f'listen = ["tcp:{first}:interface=127.0.0.1"]',
+        f'listen = ["tcp:{first}:interface=127.0.0.1",'
+        f' "tcp6:{second}:interface=\\\\:\\\\:1"]',
+    )
+    server = MailxProcess(tmp_path / "mx", config, port=first)
+    server.start()
+    try:
+        for host, port in (("127.0.0.1", first), ("::1", second)):
+            with smtplib.SMTP(host, port, timeout=30) as client:
+                client.sendmail(
+                    "s@example.net", ["bob@example.org"], b"Subject: x\r\n\r\n"
+                )
+    finally:
+        server.stop()
+    assert len(server.messages("example.org", "bob")) == 2
+
+
+def test_sighup_reopens_the_mail_log(tmp_path: Path) -> None:
+    """After logrotate moves the mail log, SIGHUP makes a new one; the
+    server, with no TLS to reload, keeps running."""
+    port = free_port()
+    config = basic_config(port, extra='[log]\nmail_log = "mail.log"\n')
+    server = MailxProcess(tmp_path / "mx", config, port=port)
+    server.start()
+    try:
+        assert server.process is not None
+        log = server.workdir / "mail.log"
+        log.rename(server.workdir / "mail.log.1")
+        os.kill(server.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+            client.sendmail("s@example.net", ["bob@example.org"], b"Subject: x\r\n\r\n")
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+    text = log.read_text()
+    assert "mail log reopened" in text
+    assert "accepted from=<s@example.net>" in text
