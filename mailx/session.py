@@ -74,6 +74,11 @@ MAX_COMMAND_LINE = 512
 MAX_AUTH_LINE = 12288
 
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+# The Received header a worker process put first (see _received_header).
+_WORKER_TRACE = re.compile(
+    rb"Received: from (\S+) \(\[(?:IPv6:)?([^\]\s]+)\]\)\r\n"
+    rb"\tby \S+ \(mailx\) with \S+ id (\w+)"
+)
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 
 
@@ -784,6 +789,8 @@ class Session:
         envelope.received_at = self.clock()
         if trace:
             content = self._received_header(envelope) + content
+        else:
+            _take_over_trace(envelope, content)
         self._reset_transaction()
         self.state = State.READY
 
@@ -799,7 +806,7 @@ class Session:
                     sender=_path_text(envelope.reverse_path),
                     nrcpt=len(envelope.recipients),
                     size=len(content),
-                    client_address=self.client.address,
+                    client_address=(envelope.client or self.client).address,
                 )
                 reply = reply.with_text(f"{reply.text} queued as {envelope.message_id}")
             else:
@@ -858,6 +865,21 @@ class Session:
             sender=_path_text(reverse_path),
             recipient=">,<".join(str(path) for path in forward_paths),
         )
+
+
+def _take_over_trace(envelope: Envelope, content: bytes) -> None:
+    """
+    On the handoff from a worker (mailx.workers), keep the queue id its
+    client was given and the client's address, from the worker's trace.
+    """
+    match = _WORKER_TRACE.match(content)
+    if match is None:
+        return
+    helo, address, message_id = (
+        part.decode("ascii", "replace") for part in match.groups()
+    )
+    envelope.message_id = message_id
+    envelope.client = ClientInfo(address=address, port=0, helo=helo, listener="worker")
 
 
 def _argument_after(argument: str, keyword: str) -> str | None:

@@ -85,17 +85,14 @@ def test_a_worker_serves_alone_and_hands_relay_mail_to_the_queue(
                 )
             assert len(server.messages("example.org", "alice")) == 1
 
-            outcome: list[object] = []
+            outcome: list[tuple[int, bytes]] = []
 
             def relay() -> None:
                 with smtplib.SMTP("127.0.0.1", server.port, timeout=WAIT) as client:
-                    outcome.append(
-                        client.sendmail(
-                            "alice@example.org",
-                            ["bob@remote.example"],
-                            b"Subject: r\r\n\r\ny\r\n",
-                        )
-                    )
+                    client.ehlo("client.example")
+                    client.mail("alice@example.org")
+                    client.rcpt("bob@remote.example")
+                    outcome.append(client.data(b"Subject: r\r\n\r\ny\r\n"))
 
             sender = threading.Thread(target=relay)
             sender.start()
@@ -105,7 +102,9 @@ def test_a_worker_serves_alone_and_hands_relay_mail_to_the_queue(
         finally:
             os.kill(main, signal.SIGCONT)
         sender.join(WAIT)
-        assert outcome == [{}]
+        ((code, text),) = outcome
+        assert code == 250
+        queue_id = text.decode().rsplit(" ", 1)[1]
         listing = subprocess.run(
             [
                 str(PROJECT / ".venv/bin/mailx"),
@@ -120,6 +119,24 @@ def test_a_worker_serves_alone_and_hands_relay_mail_to_the_queue(
             check=True,
         ).stdout
         assert "bob@remote.example" in listing
+        # The main process queued it under the id the client was given,
+        # with the client's address.
+        assert queue_id in listing
+        shown = subprocess.run(
+            [
+                str(PROJECT / ".venv/bin/mailx"),
+                "queue",
+                "show",
+                queue_id,
+                "--config",
+                "mailx.toml",
+            ],
+            cwd=server.workdir,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "127.0.0.1" in shown
     finally:
         server.stop()
     (stored,) = server.messages("example.org", "alice")
