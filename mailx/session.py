@@ -433,6 +433,7 @@ class Session:
             self._error(replies.NESTED_MAIL)
             return
         if self.config.require_auth and self.client.authenticated_as is None:
+            self._log_reject("MAIL", replies.AUTH_REQUIRED, None, [])
             self._error(replies.AUTH_REQUIRED)
             return
         path = _argument_after(argument, "FROM:")
@@ -678,6 +679,7 @@ class Session:
             self._error(replies.NOT_IMPLEMENTED)
             return
         if not self.client.tls:
+            self._log_reject("AUTH", replies.ENCRYPTION_REQUIRED, None, [])
             self._error(replies.ENCRYPTION_REQUIRED)
             return
         if self.client.authenticated_as is not None:
