@@ -81,7 +81,9 @@ def format_show(message: QueuedMessage, headers: bytes) -> list[str]:
         f"Body: {message.body.value}  SMTPUTF8: {'yes' if message.smtputf8 else 'no'}",
         f"RET: {message.ret or '-'}  ENVID: {message.envid or '-'}",
         f"Attempts: {message.attempts}",
-        f"Next attempt: {_arrival(message.next_attempt)}",
+        "Next attempt: on hold until released"
+        if message.hold
+        else f"Next attempt: {_arrival(message.next_attempt)}",
         f"Delay warning sent: {'yes' if message.delay_warned else 'no'}",
     ]
     for recipient in message.recipients:

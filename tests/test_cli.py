@@ -190,6 +190,8 @@ def test_hold_and_release_without_server(tmp_path: Path) -> None:
     assert run("queue", "hold", message_id, "--config", config)[0] == EX_OK
     assert store.load(message_id).hold
     assert f"{message_id}!" in run("queue", "list", "--config", config)[1]
+    shown = run("queue", "show", message_id, "--config", config)[1]
+    assert "Next attempt: on hold until released" in shown
 
     assert run("queue", "release", message_id, "--config", config)[0] == EX_OK
     assert not store.load(message_id).hold
