@@ -73,7 +73,7 @@ class GroupJob(Generic[_Item, _Result]):
         def report(results: Sequence[_Result | OSError]) -> None:
             for (_, done), result in zip(batch, results, strict=True):
                 if isinstance(result, OSError):
-                    done.errback(Failure(result))  # type: ignore[no-untyped-call]
+                    done.errback(Failure(result))
                 else:
                     done.callback(result)
 

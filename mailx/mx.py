@@ -105,12 +105,12 @@ def make_dns_resolver(reactor: Any, servers: Sequence[tuple[str, int]]) -> Any:
     """
     if not servers:
         # createResolver takes no reactor: it uses the global one.
-        return client.createResolver()  # type: ignore[no-untyped-call]
+        return client.createResolver()
     hosts = [ipaddress.ip_address(host) for host, _ in servers]
     if all(host.is_loopback for host in hosts):
         interface = "::1" if all(host.version == 6 for host in hosts) else "127.0.0.1"
         return _LoopbackBoundResolver(list(servers), interface, reactor=reactor)
-    return client.Resolver(servers=list(servers), reactor=reactor)  # type: ignore[no-untyped-call]
+    return client.Resolver(servers=list(servers), reactor=reactor)
 
 
 def _temporary(why: str) -> ResolutionError:

@@ -52,15 +52,15 @@ def _name(text: str) -> bytes:
 def _record(data: RecordData, ttl: int) -> Any:
     kind, *fields = data
     if kind == "A":
-        return dns.Record_A(fields[0], ttl=ttl)  # type: ignore[no-untyped-call]
+        return dns.Record_A(fields[0], ttl=ttl)
     if kind == "AAAA":
-        return dns.Record_AAAA(fields[0], ttl=ttl)  # type: ignore[no-untyped-call]
+        return dns.Record_AAAA(fields[0], ttl=ttl)
     if kind == "MX":
-        return dns.Record_MX(int(fields[0]), _name(fields[1]), ttl=ttl)  # type: ignore[no-untyped-call]
+        return dns.Record_MX(int(fields[0]), _name(fields[1]), ttl=ttl)
     if kind == "CNAME":
-        return dns.Record_CNAME(_name(fields[0]), ttl=ttl)  # type: ignore[no-untyped-call]
+        return dns.Record_CNAME(_name(fields[0]), ttl=ttl)
     if kind == "TXT":
-        return dns.Record_TXT(*(f.encode() for f in fields), ttl=ttl)  # type: ignore[no-untyped-call]
+        return dns.Record_TXT(*(f.encode() for f in fields), ttl=ttl)
     raise ValueError(f"record type {kind!r} is not supported here")
 
 
@@ -69,7 +69,7 @@ class _DataAuthority(authority.FileAuthority):
 
     def loadFile(self, zone: Zone) -> None:
         origin = _name(zone.origin)
-        soa = dns.Record_SOA(  # type: ignore[no-untyped-call]
+        soa = dns.Record_SOA(
             mname=b"ns." + origin,
             rname=b"hostmaster." + origin,
             serial=1,
@@ -185,7 +185,7 @@ class DNSServer:
 
     def start(self) -> int:
         """Listen on UDP ``host``, port 0; return the port the kernel chose."""
-        protocol = dns.DNSDatagramProtocol(self._factory)  # type: ignore[no-untyped-call]
+        protocol = dns.DNSDatagramProtocol(self._factory)
         self._port = self._reactor.listenUDP(0, protocol, interface=self.host)
         port: int = self._port.getHost().port
         return port

@@ -62,7 +62,7 @@ def test_a_failure_also_reaches_the_twistd_log() -> None:
     globalLogPublisher.addObserver(observer)
     try:
         failed = event("storing failed")
-        failed["log_failure"] = Failure(OSError("disk full"))  # type: ignore[no-untyped-call]
+        failed["log_failure"] = Failure(OSError("disk full"))
         MailLogFile(io.StringIO())(failed)
     finally:
         globalLogPublisher.removeObserver(observer)

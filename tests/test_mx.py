@@ -23,22 +23,22 @@ ME = "mailx.test"
 
 
 def mx(name: str, preference: int, target: str, ttl: int = 60) -> Any:
-    record = dns.Record_MX(preference, target.encode())  # type: ignore[no-untyped-call]
+    record = dns.Record_MX(preference, target.encode())
     return dns.RRHeader(name.encode(), dns.MX, ttl=ttl, payload=record)
 
 
 def a(name: str, address: str, ttl: int = 60) -> Any:
-    record = dns.Record_A(address)  # type: ignore[no-untyped-call]
+    record = dns.Record_A(address)
     return dns.RRHeader(name.encode(), dns.A, ttl=ttl, payload=record)
 
 
 def aaaa(name: str, address: str, ttl: int = 60) -> Any:
-    record = dns.Record_AAAA(address)  # type: ignore[no-untyped-call]
+    record = dns.Record_AAAA(address)
     return dns.RRHeader(name.encode(), dns.AAAA, ttl=ttl, payload=record)
 
 
 def cname(name: str, target: str, ttl: int = 60) -> Any:
-    record = dns.Record_CNAME(target.encode())  # type: ignore[no-untyped-call]
+    record = dns.Record_CNAME(target.encode())
     return dns.RRHeader(name.encode(), dns.CNAME, ttl=ttl, payload=record)
 
 
@@ -46,7 +46,7 @@ NODATA_SOA = dns.RRHeader(
     b"test",
     dns.SOA,
     ttl=300,
-    payload=dns.Record_SOA(minimum=30),  # type: ignore[no-untyped-call]
+    payload=dns.Record_SOA(minimum=30),
 )
 
 
@@ -141,7 +141,7 @@ def test_no_mx_and_no_address_is_permanent() -> None:
         (error.DNSNameError("x"), 550, "5.1.2"),
         (error.DNSServerError("x"), 451, "4.4.3"),
         (error.DNSQueryRefusedError("x"), 451, "4.4.3"),
-        (error.DNSQueryTimeoutError("x"), 451, "4.4.3"),  # type: ignore[no-untyped-call]
+        (error.DNSQueryTimeoutError("x"), 451, "4.4.3"),
         (defer.TimeoutError(), 451, "4.4.3"),
     ],
 )

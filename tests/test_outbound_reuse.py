@@ -53,7 +53,7 @@ class Connection:
 
     def close(self) -> None:
         """The connection ends."""
-        self.protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[no-untyped-call]
+        self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
 def make_agent(reactor: MemoryReactorClock) -> OutboundAgent:
