@@ -18,8 +18,8 @@ other domain to the outbound client.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -30,9 +30,6 @@ from mailx.envelope import Envelope, Recipient, Route
 from mailx.maillog import maillog
 from mailx.replies import Reply
 from mailx.spool import DeliveryAgent, RecipientResult
-
-_T = TypeVar("_T")
-RunIO = Callable[[Callable[[], _T]], Deferred[_T]]
 
 DELIVERED = Reply(250, "2.0.0", "Delivered to Maildir")
 
