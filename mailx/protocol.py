@@ -24,6 +24,7 @@ from zope.interface import implementer
 from mailx import replies
 from mailx.envelope import ClientInfo, MessageSink, Policy
 from mailx.maillog import maillog
+from mailx.sendnow import write_now
 from mailx.session import Authenticator, Session, SessionConfig
 
 # Input held while the client does not read our replies, before reading stops.
@@ -191,7 +192,7 @@ class SMTPServerProtocol(Protocol):
     # mailx.session.SessionOutput
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        write_now(self.transport, data)
 
     def start_tls(self) -> None:
         context = self.factory.settings.tls

@@ -485,6 +485,23 @@ class TestProtocol:
         clock.advance(2)
         assert transport.aborted
 
+    def test_small_content_in_one_write(self) -> None:
+        """Content of one block goes out with its end-of-data line at once."""
+        content = b"Subject: t\r\n\r\n.dot\r\nbody"
+        session = ClientSession("me", transaction("a@d", content=content))
+        protocol, transport, clock = connect(session, Timeouts(data_end=50))
+        protocol.dataReceived(b"220 hi\r\n")
+        protocol.dataReceived(EHLO_PIPELINING)
+        protocol.dataReceived(b"250 ok\r\n250 ok\r\n")
+        transport.clear()
+        protocol.dataReceived(b"354 go\r\n")
+        assert transport.producer is None
+        assert transport.value() == b"Subject: t\r\n\r\n..dot\r\nbody\r\n.\r\n"
+        clock.advance(49)
+        assert not transport.aborted
+        clock.advance(1)
+        assert transport.aborted
+
     def test_unanswered_quit_keeps_the_outcome(self) -> None:
         """A QUIT left unanswered times out without changing the results."""
         protocol, transport, clock = connect(ClientSession("me", transaction("a@d")))
@@ -492,8 +509,6 @@ class TestProtocol:
         protocol.dataReceived(b"220 hi\r\n")
         protocol.dataReceived(EHLO_PIPELINING)
         protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        transport.producer.resumeProducing()
-        transport.producer.resumeProducing()
         protocol.dataReceived(b"250 2.0.0 queued\r\n")
         assert transport.value().endswith(b"QUIT\r\n")
         clock.advance(Timeouts().command)

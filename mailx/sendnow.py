@@ -1,0 +1,62 @@
+"""
+Replies sent in the call that makes them, not on the reactor's next turn.
+
+``transport.write`` on a TCP connection queues the octets, asks the reactor
+to watch the socket for writability (an ``epoll_ctl``), sends them on the
+next turn and stops watching (another ``epoll_ctl``).  An SMTP server sends a
+handful of short replies per message, each of which fits in the socket's
+send buffer at once: under load those two system calls a reply were the
+largest single cost of the reactor thread after ``send`` itself
+(benchmarks/README.md, issue 7).
+
+``write_now`` sends at once when Twisted has nothing queued for the
+connection, and hands whatever the kernel did not take to ``transport.write``
+as before, so the order of octets and Twisted's flow control are unchanged.
+It reads three attributes of ``twisted.internet.tcp.Connection`` that are
+not part of its interface (the queue's state); if a Twisted release changes
+them, every write takes the ordinary path and ``tests/test_sendnow.py``
+fails, which says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to ``transport``, sending at once where that is safe."""
+    if data and _queue_empty(transport):
+        try:
+            sent = transport.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            # Broken pipe, reset: Twisted finds out on its own write and
+            # closes the connection the usual way.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+def _queue_empty(transport: Any) -> bool:
+    """True for a plain TCP connection, open, with nothing queued to send."""
+    if not isinstance(transport, tcp.Connection):
+        return False
+    try:
+        if transport.TLS or not transport.connected or transport.disconnecting:
+            return False
+        if transport._writeDisconnected:
+            return False
+        # A pull producer is resumed only when the queue drains: its writes
+        # must go through the queue.
+        if transport.producer is not None and not transport.streamingProducer:
+            return False
+        return bool(
+            not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+        )
+    except AttributeError:
+        return False
