@@ -22,7 +22,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
     globalLogPublisher,
@@ -176,13 +176,17 @@ def _lock_queue(directory: str) -> IO[str]:
 class MailxService(MultiService):
     """The listeners, the spool and the housekeeping around them."""
 
-    def __init__(self, config: Config, tls: ReloadableContext | None) -> None:
+    def __init__(
+        self, config: Config, tls: ReloadableContext | None, clock: IReactorTime
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.tls = tls
+        self.clock = clock
         self.factories: list[SMTPServerFactory] = []
         self.workers: WorkerPool | None = None
         self._mail_log_file: IO[str] | None = None
+        self._mail_log: MailLogFile | None = None
 
     def privilegedStartService(self) -> None:
         # Listeners bind here, before twistd drops privileges.
@@ -223,8 +227,11 @@ class MailxService(MultiService):
     def _close_mail_log(self, result: object) -> None:
         if self._mail_log_file is not None:
             maillog_router.destination = globalLogPublisher
+            if self._mail_log is not None:
+                self._mail_log.flush()
             self._mail_log_file.close()
             self._mail_log_file = None
+            self._mail_log = None
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         from twisted.internet import reactor
@@ -256,7 +263,8 @@ class MailxService(MultiService):
     def _open_mail_log(self, path: str) -> None:
         """Send the mail log to its own file, instead of the twistd log."""
         self._mail_log_file = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        maillog_router.destination = MailLogFile(self._mail_log_file)
+        self._mail_log = MailLogFile(self._mail_log_file, self.clock)
+        maillog_router.destination = self._mail_log
 
 
 def makeService(options: Options) -> IService:
@@ -282,7 +290,7 @@ def build_service(
     config_path: str | None = None,
 ) -> MailxService:
     """Assemble the whole server; tests call this with their own reactor."""
-    service = MailxService(config, tls)
+    service = MailxService(config, tls, reactor)
     parts = _Parts(config, tls, mailboxes, reactor, users)
     if outbound is None:
         outbound = agent_from_config(reactor, config)
@@ -330,7 +338,7 @@ def build_worker(
     mail to pass on handed to the main process.
     """
     config = options.config
-    service = MailxService(config, options.tls)
+    service = MailxService(config, options.tls, reactor)
     parts = _Parts(config, options.tls, options.mailboxes, reactor, options.users)
     queue = HandoffQueue(
         reactor, handoff_path(config.server.control_socket), config.server.hostname

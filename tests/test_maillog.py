@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import cast
 
+from twisted.internet.task import Clock
 from twisted.logger import (
     ILogObserver,
     LogEvent,
@@ -67,3 +69,24 @@ def test_a_failure_also_reaches_the_twistd_log() -> None:
     finally:
         globalLogPublisher.removeObserver(observer)
     assert seen == [failed]
+
+
+def test_lines_of_one_turn_are_flushed_at_its_end(tmp_path: Path) -> None:
+    """With a clock, lines reach the file when the reactor's turn ends, or on
+    flush; without one, at once."""
+    path = tmp_path / "mail.log"
+    clock = Clock()
+    with open(path, "a", encoding="utf-8") as out:
+        log = MailLogFile(out, clock)
+        log(event("first"))
+        log(event("second"))
+        assert path.read_text() == ""
+        clock.advance(0)
+        assert path.read_text().splitlines()[1].endswith("second")
+        log(event("third"))
+        log.flush()
+        assert len(path.read_text().splitlines()) == 3
+        assert clock.getDelayedCalls() == []
+
+        MailLogFile(out)(event("fourth"))
+        assert path.read_text().splitlines()[3].endswith("fourth")
