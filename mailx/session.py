@@ -30,12 +30,15 @@ The transaction states, and the commands each accepts (every other command
 in a state gets 503, with the reason):
 
 =========  ==================================================================
-INITIAL    EHLO HELO; NOOP RSET VRFY HELP QUIT STARTTLS
-READY      MAIL AUTH; as INITIAL
+INITIAL    EHLO HELO; NOOP RSET VRFY HELP QUIT
+READY      MAIL AUTH STARTTLS; as INITIAL
 MAIL       RCPT; as READY but MAIL and AUTH
 RCPT       RCPT DATA BDAT; as MAIL
 BDAT       BDAT; NOOP RSET HELP QUIT (a chunked transfer is under way)
 =========  ==================================================================
+
+A finished TLS handshake puts the session back in INITIAL (RFC 3207 section
+4.2); STARTTLS there is refused as TLS is already active.
 """
 
 from __future__ import annotations
@@ -661,6 +664,10 @@ class Session:
             return
         if not self.config.tls_available:
             self._error(replies.NOT_IMPLEMENTED)
+            return
+        # RFC 3207 section 4: STARTTLS is an EHLO extension, issued after EHLO.
+        if self.state is State.INITIAL:
+            self._error(replies.HELO_FIRST)
             return
         if argument.strip():
             self._error(replies.SYNTAX_ERROR.with_text("STARTTLS takes no argument"))

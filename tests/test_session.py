@@ -282,6 +282,24 @@ def test_starttls_discards_pipelined_input() -> None:
     assert not text.endswith(b"STARTTLS\r\n")
 
 
+def test_starttls_before_ehlo_is_refused() -> None:
+    """STARTTLS before EHLO gets 503 5.5.1 asking for EHLO, and TLS does not start."""
+    session, output, _, _ = make_session(tls_available=True)
+    feed(session, b"STARTTLS\r\nNOOP\r\n")
+    assert output.replies()[1:] == ["503 5.5.1 Send EHLO or HELO first", "250 2.0.0 OK"]
+    assert output.tls_started == 0
+
+
+def test_starttls_again_after_the_handshake_says_tls_is_active() -> None:
+    """A second STARTTLS after the handshake, before EHLO, gets 503 TLS active."""
+    session, output, _, _ = make_session(tls_available=True)
+    feed(session, b"EHLO a\r\nSTARTTLS\r\n")
+    session.tls_started()
+    feed(session, b"STARTTLS\r\n")
+    assert output.replies()[-1] == "503 5.5.1 TLS already active"
+    assert output.tls_started == 1
+
+
 def test_octets_during_the_handshake_are_dropped() -> None:
     """Nothing arriving between STARTTLS and the handshake's end is read."""
     session, output, _, _ = make_session(tls_available=True)
@@ -507,7 +525,7 @@ COMMANDS = {
 EXPECTED = {
     "initial": {"EHLO": 250, "HELO": 250, "MAIL": 503, "RCPT": 503, "DATA": 503,
                 "BDAT": 503, "RSET": 250, "NOOP": 250, "QUIT": 221, "VRFY": 252,
-                "HELP": 214, "STARTTLS": 220, "AUTH": 538},
+                "HELP": 214, "STARTTLS": 503, "AUTH": 538},
     "ready": {"EHLO": 250, "HELO": 250, "MAIL": 250, "RCPT": 503, "DATA": 503,
               "BDAT": 503, "RSET": 250, "NOOP": 250, "QUIT": 221, "VRFY": 252,
               "HELP": 214, "STARTTLS": 220, "AUTH": 538},
