@@ -3,7 +3,8 @@ Reverse and forward paths, parsed per RFC 5321 section 4.1.2, with the
 SMTPUTF8 extensions of RFC 6531 section 3.3.
 
 A path parses into an ``Address`` (or ``None`` for the null reverse path
-``<>``).  Source routes (``<@a,@b:user@c>``) are accepted and ignored, as RFC
+``<>``); a domain name written with its root dot (``example.com.``) is kept
+without it.  Source routes (``<@a,@b:user@c>``) are accepted and ignored, as RFC
 5321 section 4.1.1.3 and appendix C ask.  Anything the grammar does not allow
 raises ``AddressError`` carrying the reply to send.
 """
@@ -171,7 +172,19 @@ def parse_path(text: str, utf8: bool, bad: Reply) -> Address:
                 raise _fail(bad, "malformed source route")
             parse_domain(hop[1:], utf8, bad)
         inner = inner[colon + 1 :]
-    return parse_mailbox(inner, utf8, bad)
+    return parse_mailbox(_without_root_dot(inner), utf8, bad)
+
+
+def _without_root_dot(mailbox: str) -> str:
+    """The mailbox with one trailing dot dropped from a domain name."""
+    # RFC 5321 section 4.1.2's Domain has no trailing dot; a deliberate
+    # departure: "example.com." is the fully qualified example.com (RFC 1034
+    # section 3.1), which clients send and other servers accept.  The address
+    # keeps the name without it, so policy, delivery and next hop see one name.
+    domain = mailbox[mailbox.rfind("@") + 1 :]
+    if domain.endswith(".") and not domain.startswith("["):
+        return mailbox[:-1]
+    return mailbox
 
 
 def split_path_and_parameters(argument: str) -> tuple[str, str]:

@@ -107,6 +107,17 @@ DOMAINS: dict[str, tuple[str, Outcome | None]] = {
         Outcome(250, "2.1.5", Route.LOCAL),
     ),
     "postmaster-other": ("<postmaster@other.example>", None),
+    # A trailing dot (the root) names the same domain.
+    "local-existing-root-dot": (
+        "<alice@local.example.>",
+        Outcome(250, "2.1.5", Route.LOCAL),
+    ),
+    "local-unknown-root-dot": ("<nobody@local.example.>", NO_SUCH_USER),
+    "backup-root-dot": (
+        "<anyone@backup.example.>",
+        Outcome(250, "2.1.5", Route.BACKUP),
+    ),
+    "other-root-dot": ("<user@other.example.>", None),
 }
 
 
@@ -280,6 +291,16 @@ def test_case_and_trailing_dot_of_a_local_domain() -> None:
     dotted = Address("alice", "local.example.")
     decision = result_of(policy.check_recipient(UNTRUSTED, None, dotted))
     assert decision.route is Route.LOCAL
+
+
+def test_a_trailing_dot_does_not_get_past_the_relay_decision() -> None:
+    """With its root dot a foreign domain is refused as without, the local one local."""
+    policy = make_policy()
+    dotted = decide(policy, UNTRUSTED, "<stranger@other.example.>")
+    assert dotted == decide(policy, UNTRUSTED, "<stranger@other.example>")
+    assert dotted == RELAY_DENIED
+    local = decide(policy, UNTRUSTED, "<alice@local.example.>")
+    assert local == Outcome(250, "2.1.5", Route.LOCAL)
 
 
 # --- sender addresses of authenticated users ----------------------------------------

@@ -396,6 +396,43 @@ def test_address_syntax_and_parameters() -> None:
     assert output.replies()[-1].startswith("555 5.5.4")
 
 
+def test_a_domain_with_its_root_dot_is_the_same_domain() -> None:
+    """MAIL FROM and RCPT TO accept example.org. and keep it as example.org."""
+    session, output, sink, _ = make_session()
+    feed(
+        session,
+        b"EHLO c\r\nMAIL FROM:<s@example.net.>\r\nRCPT TO:<alice@example.org.>\r\n"
+        b"DATA\r\n" + MESSAGE,
+    )
+    assert output.codes() == [220, 250, 250, 250, 354, 250]
+    envelope = sink.messages[0][0]
+    assert str(envelope.reverse_path) == "s@example.net"
+    assert [str(r.address) for r in envelope.recipients] == ["alice@example.org"]
+
+
+def test_a_lone_or_doubled_dot_in_a_domain_is_still_refused() -> None:
+    """A lone dot, a doubled dot or a dot after an address literal still gets 553."""
+    session, output, _, _ = make_session()
+    feed(session, b"EHLO c\r\n")
+    for line, expected in [
+        (b"MAIL FROM:<s@.>\r\n", "553 5.1.7"),
+        (b"MAIL FROM:<s@example..net>\r\n", "553 5.1.7"),
+        (b"MAIL FROM:<s@example.net..>\r\n", "553 5.1.7"),
+        (b"MAIL FROM:<s@[192.0.2.1].>\r\n", "553 5.1.7"),
+    ]:
+        feed(session, line)
+        assert output.replies()[-1].startswith(expected), line
+    feed(session, b"MAIL FROM:<s@example.net>\r\n")
+    for line in [
+        b"RCPT TO:<alice@.>\r\n",
+        b"RCPT TO:<alice@example..org>\r\n",
+        b"RCPT TO:<alice@example.org..>\r\n",
+        b"RCPT TO:<alice@[192.0.2.1].>\r\n",
+    ]:
+        feed(session, line)
+        assert output.replies()[-1].startswith("553 5.1.3"), line
+
+
 def test_postmaster_without_domain() -> None:
     """RCPT TO:<Postmaster> is accepted as the local postmaster."""
     session, output, _, _ = make_session()
