@@ -388,9 +388,18 @@ def _network(key: str, value: object) -> Network:
     if not isinstance(value, str):
         raise _fail(key, wanted, value)
     try:
-        return ipaddress.ip_network(value, strict=False)
+        network = ipaddress.ip_network(value, strict=False)
+        host = ipaddress.ip_interface(value).ip
     except ValueError:
         raise _fail(key, wanted, value) from None
+    # "192.0.2.5/24" may mean the network or the one host; a relay decision
+    # is not guessed, so the operator is asked to write which.
+    if host != network.network_address:
+        raise ConfigError(
+            f"{key}: {value!r} has host bits set; write {network} for the network "
+            f"or {host}/{host.max_prefixlen} for one host"
+        )
+    return network
 
 
 def _address(key: str, value: object) -> str:

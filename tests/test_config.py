@@ -98,7 +98,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         [limits]
         idle_timeout = 60
         [relay]
-        networks = ["10.1.2.3/8", "2001:db8::1/32"]
+        networks = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7", "2001:db8:1::7"]
         [delivery]
         smarthost = "relay.example.com:587"
         smarthost_user = "me"
@@ -124,6 +124,8 @@ def test_values_are_read(tmp_path: Path) -> None:
     assert config.relay.networks == (
         ipaddress.ip_network("10.0.0.0/8"),
         ipaddress.ip_network("2001:db8::/32"),
+        ipaddress.ip_network("192.0.2.7/32"),
+        ipaddress.ip_network("2001:db8:1::7/128"),
     )
     assert config.delivery.smarthost == HostPort("relay.example.com", 587)
     assert dict(config.delivery.tls_policy) == {"example.org": "verify"}
@@ -249,6 +251,28 @@ def test_wrong_values(
     # A wrong list element is shown by itself.
     shown = found[0] if isinstance(found, list) and found else found
     assert message.endswith(f"got {shown!r}")
+
+
+@pytest.mark.parametrize(
+    ("entry", "network", "host"),
+    [
+        ("192.168.1.5/24", "192.168.1.0/24", "192.168.1.5/32"),
+        ("192.168.1.5/255.255.255.0", "192.168.1.0/24", "192.168.1.5/32"),
+        ("10.0.0.1/0", "0.0.0.0/0", "10.0.0.1/32"),
+        ("2001:db8::1/32", "2001:db8::/32", "2001:db8::1/128"),
+        ("fe80::1:2/64", "fe80::/64", "fe80::1:2/128"),
+    ],
+)
+def test_relay_network_with_host_bits_is_refused(
+    tmp_path: Path, entry: str, network: str, host: str
+) -> None:
+    """A relay.networks entry with host bits set is refused, naming both readings."""
+    message = refusal(tmp_path, f'[relay]\nnetworks = ["10.0.0.0/8", "{entry}"]\n')
+
+    assert message == (
+        f"relay.networks: {entry!r} has host bits set; "
+        f"write {network} for the network or {host} for one host"
+    )
 
 
 def test_ints_are_accepted_for_seconds(tmp_path: Path) -> None:
