@@ -436,6 +436,12 @@ class PortalAuthenticator:
         self.portal = portal
         self.throttle = throttle
 
+    def replace_users(self, users: Users) -> None:
+        """Check passwords against ``users`` from now on (a reloaded file)."""
+        for checker in self.portal.checkers.values():
+            if isinstance(checker, UsersChecker):
+                checker.users = users
+
     def authenticate(
         self, client: ClientInfo, user: str, password: str
     ) -> Deferred[str | None]:

@@ -19,10 +19,11 @@ first rule that applies wins:
 5. a catch-all alias ``@domain`` expands to its targets;
 6. otherwise there is no such user.
 
-The aliases file is read once, when ``LocalRecipients`` is made, and every
-alias is expanded then for every local domain, so a mistake in the file (a
-target outside the local domains, a loop, too deep a chain) stops mailx at
-start-up with the file and line rather than failing a delivery later.  The
+The aliases file is read when ``LocalRecipients`` is made, and again on
+``reload_aliases`` (SIGHUP), and every alias is expanded then for every local
+domain, so a mistake in the file (a target outside the local domains, a loop,
+too deep a chain) stops mailx at start-up, or leaves the old aliases in force
+on a reload, with the file and line rather than failing a delivery later.  The
 file format is described in etc/aliases.example.
 """
 
@@ -191,10 +192,17 @@ class LocalRecipients:
         self.domains = config.domains.local
         self._users = frozenset(mailboxes.users)
         self._existing = mailboxes.existing
+        self.aliases_path = mailboxes.aliases
+        self.reload_aliases()
 
+    def reload_aliases(self) -> None:
+        """
+        Read the aliases file again; ConfigError names the line, and then
+        the aliases in force stay as they were.
+        """
         aliases = empty_aliases()
-        if mailboxes.aliases:
-            aliases = load_aliases(mailboxes.aliases, self.domains)
+        if self.aliases_path:
+            aliases = load_aliases(self.aliases_path, self.domains)
         self._expanded, self._catch_all = _expand_all(aliases, self.domains)
 
     def resolve(self, address: Address) -> list[Mailbox] | None:

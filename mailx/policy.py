@@ -55,11 +55,17 @@ class RelayPolicy:
         self.backup_domains = _domain_keys(backup_domains)
         self.relay_networks = tuple(relay_networks)
         self.local_exists = local_exists
+        self.replace_sender_addresses(sender_addresses or {})
+        self.backup_check = backup_check
+
+    def replace_sender_addresses(
+        self, sender_addresses: Mapping[str, Iterable[str]]
+    ) -> None:
+        """The users limited to some reverse paths, from now on."""
         self.sender_addresses = {
             user: frozenset(address.lower() for address in addresses)
-            for user, addresses in (sender_addresses or {}).items()
+            for user, addresses in sender_addresses.items()
         }
-        self.backup_check = backup_check
 
     def is_trusted(self, client: ClientInfo) -> bool:
         # A worker process handing on mail it accepted (mailx.workers).

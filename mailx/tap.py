@@ -185,6 +185,8 @@ class MailxService(MultiService):
         self.clock = clock
         self.factories: list[SMTPServerFactory] = []
         self.workers: WorkerPool | None = None
+        # What SIGHUP reloads besides the certificate (set by build_service).
+        self.parts: _Parts | None = None
         self._mail_log_file: IO[str] | None = None
         self._mail_log: MailLogFile | None = None
 
@@ -245,6 +247,8 @@ class MailxService(MultiService):
             maillog.info("mail log reopened")
         if self.tls is not None:
             self._reload_tls()
+        if self.parts is not None:
+            self.parts.reload_tables()
         if self.workers is not None:
             self.workers.signal_all("HUP")
 
@@ -292,6 +296,7 @@ def build_service(
     """Assemble the whole server; tests call this with their own reactor."""
     service = MailxService(config, tls, reactor)
     parts = _Parts(config, tls, mailboxes, reactor, users)
+    service.parts = parts
     if outbound is None:
         outbound = agent_from_config(reactor, config)
     agent = LocalFirstAgent(parts.store, config.domains.local, outbound)
@@ -340,6 +345,7 @@ def build_worker(
     config = options.config
     service = MailxService(config, options.tls, reactor)
     parts = _Parts(config, options.tls, options.mailboxes, reactor, options.users)
+    service.parts = parts
     queue = HandoffQueue(
         reactor, handoff_path(config.server.control_socket), config.server.hostname
     )
@@ -366,6 +372,7 @@ class _Parts:
         self.config = config
         self.tls = tls
         self.reactor = reactor
+        self.mailboxes = mailboxes
         if users is None:
             users = auth.load_users(config.auth.users_file)
 
@@ -388,6 +395,48 @@ class _Parts:
         self.limits = ConnectionLimits(
             config.limits.max_connections, config.limits.max_connections_per_client
         )
+
+    def reload_tables(self) -> None:
+        """
+        SIGHUP: read the aliases and users files again.  A file with a
+        mistake leaves what was in force as it was, and the mail log says
+        why; mailx.toml itself is read only at start.
+        """
+        if self.mailboxes.aliases_path:
+            try:
+                self.mailboxes.reload_aliases()
+            except ConfigError as error:
+                maillog.error(
+                    "aliases reload failed, keeping the old aliases: {error}",
+                    error=str(error),
+                )
+            else:
+                maillog.info(
+                    "aliases reloaded from {path}", path=self.mailboxes.aliases_path
+                )
+        path = self.config.auth.users_file
+        if not path:
+            return
+        try:
+            users = auth.load_users(path)
+        except auth.UsersFileError as error:
+            maillog.error(
+                "users reload failed, keeping the old users: {error}", error=str(error)
+            )
+            return
+        self.policy.replace_sender_addresses(users.sender_addresses)
+        if self.authenticator is not None:
+            self.authenticator.replace_users(users)
+            maillog.info(
+                "users reloaded from {path}: {count} users", path=path, count=len(users)
+            )
+        elif len(users):
+            # The listeners were made without AUTH: offering it needs them anew.
+            maillog.warn(
+                "users file {path} has users now, but AUTH was off at start:"
+                " restart mailx to offer AUTH",
+                path=path,
+            )
 
     def session_config(
         self, require_auth: bool, tls_available: bool, add_trace: bool = True

@@ -434,3 +434,24 @@ def test_path_traversal_unquoted(tmp_path: Path, local_part: str) -> None:
     recipients = make(tmp_path, "@example.com: catchall\n")
 
     assert recipients.resolve(Address(local_part, "example.com")) is None
+
+
+def test_reload_reads_the_aliases_file_again(tmp_path: Path) -> None:
+    """reload_aliases takes a changed file; a broken one raises and the
+    aliases in force stay as they were."""
+    recipients = make(tmp_path, "sales: bob\n", users=("bob", "carol"))
+    aliases = tmp_path / "aliases"
+
+    aliases.write_text("sales: carol\n", encoding="utf-8")
+    recipients.reload_aliases()
+    assert recipients.resolve(Address("sales", "example.com")) == boxes(
+        "carol@example.com"
+    )
+
+    aliases.write_text("sales: carol\ninfo: x@elsewhere.example\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="aliases:2"):
+        recipients.reload_aliases()
+    assert recipients.resolve(Address("sales", "example.com")) == boxes(
+        "carol@example.com"
+    )
+    assert recipients.resolve(Address("info", "example.com")) is None

@@ -12,6 +12,7 @@ spool and nothing asks the machine's resolver.
 from __future__ import annotations
 
 import base64
+import signal
 import smtplib
 import ssl
 import time
@@ -480,3 +481,39 @@ def test_bad_users_file_stops_the_start(tmp_path: Path) -> None:
         server.process.start()
     assert "hunter2" not in str(caught.value)
     assert "Traceback" not in str(caught.value)
+
+
+# --- SIGHUP reloads the users file --------------------------------------------------
+
+
+def test_sighup_reloads_the_users_file(tmp_path: Path) -> None:
+    """After SIGHUP a new user can log in and a removed one cannot; a broken
+    file is refused with its line in the log and the users in force stay."""
+    server = make_exchanger(tmp_path / "mx")
+    users = server.process.workdir / "users"
+    carol_password = "carol's new passphrase"
+    server.process.start()
+    try:
+        assert server.process.process is not None
+        users.write_text(f"carol:{hash_password(carol_password)}:\n")
+        server.process.process.send_signal(signal.SIGHUP)
+        server.wait_for_log("users reloaded from users: 1 users")
+        with smtplib.SMTP(TRUSTED, server.submission_port, timeout=30) as client:
+            client.starttls(context=server.tls_context())
+            client.ehlo("client.example")
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("bob", BOB_PASSWORD)
+            assert client.login("carol", carol_password)[0] == 235
+
+        users.write_text("carol:plain-text-password:\n")
+        server.process.process.send_signal(signal.SIGHUP)
+        log = server.wait_for_log("users reload failed, keeping the old users")
+        with smtplib.SMTP(TRUSTED, server.submission_port, timeout=30) as client:
+            client.starttls(context=server.tls_context())
+            client.ehlo("client.example")
+            assert client.login("carol", carol_password)[0] == 235
+        assert server.process.process.poll() is None
+    finally:
+        server.process.stop()
+    assert "line 1" in log
+    assert "plain-text-password" not in log

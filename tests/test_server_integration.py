@@ -250,3 +250,47 @@ def test_sighup_reopens_the_mail_log(tmp_path: Path) -> None:
     text = log.read_text()
     assert "mail log reopened" in text
     assert "accepted from=<s@example.net>" in text
+
+
+def test_sighup_reloads_the_aliases_file(tmp_path: Path) -> None:
+    """After SIGHUP a new alias delivers; a broken aliases file is refused with
+    its line in the mail log and the aliases in force stay."""
+    port = free_port()
+    config = basic_config(
+        port,
+        extra='aliases = "aliases"\n[log]\nmail_log = "mail.log"\n',
+    )
+    server = MailxProcess(tmp_path / "mx", config, port=port)
+    aliases = server.workdir / "aliases"
+    aliases.write_text("sales: bob\n")
+    server.start()
+    log = server.workdir / "mail.log"
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 20
+        while text not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert text in log.read_text()
+
+    try:
+        assert server.process is not None
+        aliases.write_text("sales: bob\ninfo: alice\n")
+        os.kill(server.process.pid, signal.SIGHUP)
+        wait_for("aliases reloaded from aliases")
+        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+            client.sendmail(
+                "s@example.net", ["info@example.org"], b"Subject: 1\r\n\r\n"
+            )
+
+        aliases.write_text("sales: bob\ninfo: somebody@elsewhere.example\n")
+        os.kill(server.process.pid, signal.SIGHUP)
+        wait_for("aliases reload failed, keeping the old aliases")
+        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+            client.sendmail(
+                "s@example.net", ["info@example.org"], b"Subject: 2\r\n\r\n"
+            )
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+    assert len(server.messages("example.org", "alice")) == 2
+    assert "aliases:2: target" in log.read_text()
