@@ -55,16 +55,24 @@ def to_stored_form(content: bytes, return_path: str, delivered_to: str) -> bytes
     return header.encode("utf-8") + content.replace(b"\r\n", b"\n")
 
 
-def unique_name(now: float | None = None) -> str:
-    """A file name no other delivery to the same Maildir can choose."""
+def unique_name(now: float | None = None, origin: tuple[int, str] | None = None) -> str:
+    """
+    A file name no other delivery to the same Maildir can choose.
+    ``origin`` is ``name_origin()``, which a batch asks for once.
+    """
     if now is None:
         now = time.time()
+    pid, host = name_origin() if origin is None else origin
     seconds = int(now)
     microseconds = int((now - seconds) * 1_000_000)
+    return f"{seconds}.M{microseconds}P{pid}Q{next(_counter)}.{host}"
 
+
+def name_origin() -> tuple[int, str]:
+    """The process id and the host name that unique names carry."""
     # maildir(5): "/" and ":" in the host name are written as \057 and \072.
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-    return f"{seconds}.M{microseconds}P{os.getpid()}Q{next(_counter)}.{host}"
+    return os.getpid(), host
 
 
 def deliver(maildir: str, content: bytes) -> str:
@@ -158,12 +166,15 @@ def deliver_batch(jobs: Sequence[tuple[str, bytes]]) -> list[str | OSError]:
     """
     results: list[str | OSError] = []
     written: list[tuple[int, str, str, int]] = []
+    # Two system calls a batch, not a file: the I/O thread takes the GIL
+    # back after each one, while the reactor thread holds it most of the time.
+    origin = name_origin()
     for index, (maildir, content) in enumerate(jobs):
         try:
             if maildir not in _ready:
                 _make_maildir(maildir)
                 _ready.add(maildir)
-            name = unique_name()
+            name = unique_name(origin=origin)
             temporary = os.path.join(maildir, "tmp", name)
             descriptor = _write_unsynced(temporary, content)
         except OSError as error:
