@@ -179,6 +179,41 @@ def test_a_421_on_an_idle_connection_closes_it() -> None:
     assert len(reactor.tcpClients) == 2
 
 
+def test_a_421_to_mail_on_a_kept_connection_goes_to_a_new_one() -> None:
+    """A next hop that ends a kept connection with 421 at the next message's
+    MAIL (a limit of messages per connection) gets the message again over a
+    new connection, in the same attempt."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    kept = first_delivery(reactor, agent)
+    kept.sent()
+
+    results = deliver(agent, "M2")
+    assert kept.sent().startswith(b"MAIL FROM:")
+    kept.reply(b"421 4.7.0 too many messages in this session\r\n")
+    kept.close()
+    assert results == []
+    fresh = Connection(reactor, 1)
+    fresh.reply(GREETING + EHLO + ENVELOPE_OK)
+    fresh.reply(QUEUED)
+
+    assert codes(results) == [250]
+
+
+def test_a_421_to_mail_on_a_new_connection_is_the_outcome() -> None:
+    """On a connection of its own, 421 to MAIL ends the attempt with 421:
+    there is no older connection to blame."""
+    reactor = MemoryReactorClock()
+    agent = make_agent(reactor)
+    results = deliver(agent, "M1")
+    connection = Connection(reactor, 0)
+    connection.reply(GREETING + EHLO + b"421 4.7.0 too many messages\r\n")
+    connection.close()
+
+    assert codes(results) == [421]
+    assert len(reactor.tcpClients) == 1
+
+
 def test_close_idle_quits_every_kept_connection() -> None:
     """close_idle sends QUIT on each kept connection and fires once they are
     closed."""
