@@ -30,7 +30,6 @@ import binascii
 import getpass
 import hashlib
 import hmac
-import ipaddress
 import os
 import sys
 import unicodedata
@@ -50,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from mailx.address import AddressError, parse_domain, parse_mailbox
+from mailx.clients import client_key
 from mailx.envelope import ClientInfo
 from mailx.maillog import maillog
 
@@ -81,9 +81,6 @@ BASE_DELAY = 1.0
 MAX_DELAY = 30.0
 FAILURE_MEMORY = 900.0
 MAX_TRACKED = 10000
-# IPv6 clients are counted by their /64: RFC 7421 section 1 makes 64 bits the
-# interface identifier, so one host may use any address of a /64.
-IPV6_PREFIX = 64
 
 
 class UsersFileError(Exception):
@@ -353,19 +350,6 @@ def make_portal(users: Users, run_blocking: RunBlocking) -> Portal:
 
 
 # --- the session's Authenticator --------------------------------------------------
-
-
-def client_key(address: str) -> str:
-    """What failures are counted by: the IPv4 address, or the IPv6 /64."""
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(parsed, ipaddress.IPv6Address):
-        if parsed.ipv4_mapped is not None:
-            return str(parsed.ipv4_mapped)
-        return str(ipaddress.IPv6Network((parsed, IPV6_PREFIX), strict=False))
-    return str(parsed)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailx import replies
+from mailx.clients import client_key
 from mailx.envelope import ClientInfo, MessageSink, Policy
 from mailx.maillog import maillog
 from mailx.sendnow import write_now
@@ -35,7 +36,10 @@ MIN_DATA_RATE = 500
 
 
 class ConnectionLimits:
-    """Caps on concurrent sessions, overall and per client address."""
+    """
+    Caps on concurrent sessions, overall and per client: an IPv4 address or
+    an IPv6 /64 (``mailx.clients.client_key``).
+    """
 
     def __init__(self, total: int, per_client: int) -> None:
         self.total = total
@@ -45,15 +49,17 @@ class ConnectionLimits:
     def acquire(self, address: str) -> bool:
         if sum(self.active.values()) >= self.total:
             return False
-        if self.active[address] >= self.per_client:
+        key = client_key(address)
+        if self.active[key] >= self.per_client:
             return False
-        self.active[address] += 1
+        self.active[key] += 1
         return True
 
     def release(self, address: str) -> None:
-        self.active[address] -= 1
-        if self.active[address] <= 0:
-            del self.active[address]
+        key = client_key(address)
+        self.active[key] -= 1
+        if self.active[key] <= 0:
+            del self.active[key]
 
 
 @dataclass

@@ -97,12 +97,23 @@ def test_a_closed_connection_frees_its_slot() -> None:
     assert server.connect()[1].value().startswith(b"220 ")
 
 
-def test_ipv6_clients_are_capped_too() -> None:
-    """The per-client cap applies to IPv6 client addresses."""
+def test_ipv6_clients_are_capped_by_their_64() -> None:
+    """IPv6 clients count by their /64 (RFC 7421): another address of the same
+    /64 is refused, one of another /64 is not, and closing frees the slot."""
     server = Server(total=10, per_client=1)
-    server.connect("2001:db8::1")
-    assert refused(server.connect("2001:db8::1")[1])
+    protocol, transport = server.connect("2001:db8::1")
+    assert refused(server.connect("2001:db8::2")[1])
+    assert refused(server.connect("2001:db8::ffff:1:2")[1])
+    assert not refused(server.connect("2001:db8:0:1::1")[1])
+    close(protocol, transport)
     assert not refused(server.connect("2001:db8::2")[1])
+
+
+def test_an_ipv4_client_mapped_into_ipv6_counts_as_itself() -> None:
+    """::ffff:192.0.2.7 on an IPv6 socket is the same client as 192.0.2.7."""
+    server = Server(total=10, per_client=1)
+    server.connect("192.0.2.7")
+    assert refused(server.connect("::ffff:192.0.2.7")[1])
 
 
 def test_silent_client_times_out() -> None:
