@@ -201,7 +201,9 @@ class Session:
         self.mode = Mode.CLOSED
         self._lost = True
         maillog.info(
-            "disconnect from [{client_address}]", client_address=self.client.address
+            "disconnect from [{client_address}]:{client_port}",
+            client_address=self.client.address,
+            client_port=self.client.port,
         )
 
     def tls_started(self) -> None:
@@ -808,14 +810,17 @@ class Session:
 
         def stored(reply: Reply) -> None:
             if reply.is_positive:
+                # A worker's hand-off names the client the worker served.
+                client = envelope.client or self.client
                 maillog.info(
                     "{message_id}: accepted from=<{sender}> nrcpt={nrcpt} "
-                    "size={size} client=[{client_address}]",
+                    "size={size} client=[{client_address}]:{client_port}",
                     message_id=envelope.message_id,
                     sender=_path_text(envelope.reverse_path),
                     nrcpt=len(envelope.recipients),
                     size=len(content),
-                    client_address=(envelope.client or self.client).address,
+                    client_address=client.address,
+                    client_port=client.port,
                 )
                 reply = reply.with_text(f"{reply.text} queued as {envelope.message_id}")
             else:

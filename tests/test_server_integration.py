@@ -195,14 +195,24 @@ def test_the_mail_log_file_takes_the_mail_events(tmp_path: Path) -> None:
     try:
         with smtplib.SMTP(server.address, server.port, timeout=30) as client:
             client.sendmail("s@example.net", ["bob@example.org"], b"Subject: x\r\n\r\n")
+            assert client.sock is not None
+            client_port = client.sock.getsockname()[1]
     finally:
         server.stop()
     lines = (server.workdir / "mail.log").read_text().splitlines()
+    # The client's address and port tie one session's lines together.
+    peer = re.escape(f"[127.0.0.1]:{client_port}")
+    prefix = r"\S+ \[mailx\.mail#info\] "
+    assert any(re.fullmatch(prefix + f"connect from {peer}", x) for x in lines)
     assert any(
-        re.fullmatch(r"\S+ \[mailx\.mail#info\] connect from \[127\.0\.0\.1\]:\d+", x)
+        re.fullmatch(
+            prefix + r"\w+: accepted from=<s@example\.net> nrcpt=1 size=\d+"
+            f" client={peer}",
+            x,
+        )
         for x in lines
     )
-    assert any("accepted from=<s@example.net> nrcpt=1" in line for line in lines)
+    assert any(re.fullmatch(prefix + f"disconnect from {peer}", x) for x in lines)
     assert "accepted from=" not in server.log()
 
 
