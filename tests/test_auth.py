@@ -33,6 +33,7 @@ from mailx.auth import (
     make_portal,
     parse_users,
 )
+from mailx.clients import client_key
 from mailx.envelope import ClientInfo
 from mailx.session import Session, SessionConfig
 from tests.sessionkit import AcceptingPolicy, FakeOutput, RecordingSink
@@ -352,7 +353,7 @@ def test_failures_are_counted_per_client_address() -> None:
 )
 def test_client_keys(first: str, second: str, same: bool) -> None:
     """IPv6 clients count by /64, IPv4-mapped ones as their IPv4 address."""
-    assert (auth.client_key(first) == auth.client_key(second)) is same
+    assert (client_key(first) == client_key(second)) is same
 
 
 def test_parallel_attempts_stop_at_the_limit() -> None:
