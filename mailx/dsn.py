@@ -70,6 +70,19 @@ def decode_xtext(text: str) -> str:
     return re.sub(r"\+([0-9A-F]{2})", lambda match: chr(int(match.group(1), 16)), text)
 
 
+def encode_xtext(text: str) -> str:
+    """
+    RFC 3461 section 4: xtext, where "+", "=" and every octet outside "!" to
+    "~" is written ``+XX``.
+    """
+    return "".join(
+        chr(octet)
+        if 0x21 <= octet <= 0x7E and octet not in (0x2B, 0x3D)
+        else f"+{octet:02X}"
+        for octet in text.encode("utf-8")
+    )
+
+
 def _printable(text: str) -> str:
     # RFC 3464 fields are US-ASCII text; anything else is replaced, not sent.
     return "".join(c if " " <= c <= "~" else "?" for c in text)

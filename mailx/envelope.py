@@ -29,6 +29,10 @@ class Route(enum.Enum):
     BACKUP = "backup"
     # Any other domain, for a trusted client: queued for its exchanges.
     RELAY = "relay"
+    # One Maildir an alias of a local recipient expanded to, queued when
+    # that Maildir alone could not be written: delivered into it as named,
+    # not expanded again, so the alias's other Maildirs get no second copy.
+    MAILBOX = "mailbox"
 
 
 class Body(enum.Enum):

@@ -3,11 +3,12 @@ Where an accepted message goes: the server's ``MessageSink``.
 
 Recipients in local domains are written into their Maildirs; every other
 recipient (backup MX and relay) is written into the spool, which passes the
-message on.  The server says 250 only when both are durable.  When the
-Maildirs cannot be written, the whole message goes into the spool, which
-delivers the local copies later.  When the spool cannot take it the client
-gets 451 4.3.0 and sends it again; if the local copies were already written
-they then arrive twice, which is better than never.
+message on.  The server says 250 only when both are durable.  Local
+recipients whose Maildir cannot be written go into the spool, which delivers
+their copies later; the others have theirs and are not written again.  When
+the spool cannot take it the client gets 451 4.3.0 and sends it again; if
+local copies were already written they then arrive twice, which is better
+than never.
 
 ``LocalFirstAgent`` is the spool's ``DeliveryAgent``: it delivers into local
 Maildirs itself (delivery status notifications to local senders, mail for a
@@ -18,7 +19,7 @@ other domain to the outbound client.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -26,15 +27,26 @@ from twisted.internet.defer import Deferred, succeed
 from mailx import maildir, replies
 from mailx.address import Address
 from mailx.batching import GroupJob, IORunner
+from mailx.config import is_safe_local_part
+from mailx.dsn import encode_xtext
 from mailx.envelope import Envelope, Recipient, Route
+from mailx.local import Mailbox as LocalMailbox
 from mailx.maillog import maillog
 from mailx.replies import Reply
 from mailx.spool import DeliveryAgent, RecipientResult
 
 DELIVERED = Reply(250, "2.0.0", "Delivered to Maildir")
+# Recipients whose copies go into Maildirs here.
+LOCAL_ROUTES = (Route.LOCAL, Route.MAILBOX)
 
 
 class Mailbox(Protocol):
+    @property
+    def domain(self) -> str: ...
+
+    @property
+    def local_part(self) -> str: ...
+
     def maildir(self, root: str) -> str: ...
 
 
@@ -46,11 +58,17 @@ class Queue(Protocol):
     def enqueue(self, envelope: Envelope, content: bytes) -> Deferred[str]: ...
 
 
-class GroupCommit(GroupJob[list[tuple[str, bytes]], None]):
+# Per job of a submission, in order: None when it was written, or its error.
+JobErrors = list[OSError | None]
+
+
+class GroupCommit(GroupJob[list[tuple[str, bytes]], JobErrors]):
     """
     Maildir deliveries in batches: each submission is the (Maildir, stored
     form) jobs of one message, and all the submissions waiting when a batch
-    starts share one sync (``maildir.deliver_batch``).
+    starts share one sync (``maildir.deliver_batch``).  A submission fires
+    with the error of each of its jobs, None for one that was written; it
+    fails only when the batch failed as a whole.
     """
 
     def __init__(self, run_io: IORunner) -> None:
@@ -59,16 +77,14 @@ class GroupCommit(GroupJob[list[tuple[str, bytes]], None]):
 
 def _deliver_submissions(
     submissions: list[list[tuple[str, bytes]]],
-) -> list[OSError | None]:
-    """One result a submission: None, or the first error among its jobs."""
+) -> list[JobErrors | OSError]:
     results = maildir.deliver_batch([job for jobs in submissions for job in jobs])
-    outcomes: list[OSError | None] = []
+    outcomes: list[JobErrors | OSError] = []
     start = 0
     for jobs in submissions:
         mine = results[start : start + len(jobs)]
         start += len(jobs)
-        errors = [result for result in mine if isinstance(result, OSError)]
-        outcomes.append(errors[0] if errors else None)
+        outcomes.append([r if isinstance(r, OSError) else None for r in mine])
     return outcomes
 
 
@@ -80,36 +96,67 @@ class LocalStore:
         self.mailboxes = mailboxes
         self.commit = commit
 
+    def mailboxes_of(self, recipient: Recipient) -> Sequence[Mailbox]:
+        """
+        The Maildirs a local recipient's copies go to: what its address
+        resolves to, or for a ``Route.MAILBOX`` recipient the one it names.
+        """
+        if recipient.route is Route.MAILBOX:
+            address = recipient.address
+            if not is_safe_local_part(address.local_part):
+                return []
+            return [LocalMailbox(address.domain_key, address.local_part)]
+        return self.mailboxes.resolve(recipient.address) or []
+
     def deliver(
         self,
         message_id: str,
         reverse_path: Address | None,
-        recipients: Iterable[Address],
+        recipients: Sequence[Recipient],
         content: bytes,
-    ) -> Deferred[None]:
-        """Store one copy per distinct mailbox; fail if any write fails."""
-        targets: dict[str, Address] = {}
-        for recipient in recipients:
-            for mailbox in self.mailboxes.resolve(recipient) or []:
-                targets.setdefault(mailbox.maildir(self.root), recipient)
+    ) -> Deferred[dict[int, list[tuple[Mailbox, OSError]]]]:
+        """
+        Store one copy per distinct Maildir.  Fire with the recipients, by
+        their index in ``recipients``, that did not get every copy: the
+        Maildirs that failed and why; an empty dict when all were stored.
+        Fail only when nothing could be done at all.
+        """
+        # Maildir -> (the mailbox, the recipient its copy names, the
+        # indices of every recipient whose copies go there).
+        targets: dict[str, tuple[Mailbox, Address, list[int]]] = {}
+        for index, recipient in enumerate(recipients):
+            for mailbox in self.mailboxes_of(recipient):
+                path = mailbox.maildir(self.root)
+                entry = targets.setdefault(path, (mailbox, recipient.address, []))
+                entry[2].append(index)
         return_path = "" if reverse_path is None else str(reverse_path)
+        paths = list(targets)
         jobs = [
-            (path, maildir.to_stored_form(content, return_path, str(recipient)))
-            for path, recipient in targets.items()
+            (
+                path,
+                maildir.to_stored_form(content, return_path, str(targets[path][1])),
+            )
+            for path in paths
         ]
         deferred = self.commit.submit(jobs)
 
-        def logged(result: None) -> None:
-            for path, recipient in targets.items():
+        def settled(errors: JobErrors) -> dict[int, list[tuple[Mailbox, OSError]]]:
+            failed: dict[int, list[tuple[Mailbox, OSError]]] = {}
+            for path, error in zip(paths, errors, strict=True):
+                mailbox, named, indices = targets[path]
+                if error is not None:
+                    for index in indices:
+                        failed.setdefault(index, []).append((mailbox, error))
+                    continue
                 maillog.info(
                     "{message_id}: delivered to=<{recipient}> maildir={maildir}",
                     message_id=message_id,
-                    recipient=str(recipient),
+                    recipient=str(named),
                     maildir=path,
                 )
+            return failed
 
-        deferred.addCallback(logged)
-        return deferred
+        return deferred.addCallback(settled)
 
 
 class Router:
@@ -125,34 +172,71 @@ class Router:
     async def _receive(self, envelope: Envelope, content: bytes) -> Reply:
         """
         Local recipients first, straight into their Maildirs; then the others
-        into the spool.  If the Maildirs cannot be written, every recipient
-        goes into the spool instead, which retries the local ones later, so
-        the client is never refused for a copy that was already queued.
+        into the spool, with every local recipient whose Maildir could not be
+        written, which the spool retries later: the client is not refused
+        for copies that were written, and those are not written again.
         """
-        local = [r for r in envelope.recipients if r.route is Route.LOCAL]
-        others = [r for r in envelope.recipients if r.route is not Route.LOCAL]
+        local = [r for r in envelope.recipients if r.route in LOCAL_ROUTES]
+        others = [r for r in envelope.recipients if r.route not in LOCAL_ROUTES]
         if others and self.queue is None:
             return replies.LOCAL_ERROR
 
         if local:
-            addresses = [r.address for r in local]
             try:
-                await self.local.deliver(
-                    envelope.message_id, envelope.reverse_path, addresses, content
+                failed = await self.local.deliver(
+                    envelope.message_id, envelope.reverse_path, local, content
                 )
-            except OSError as error:
-                if self.queue is None:
-                    raise
-                maillog.warn(
-                    "{message_id}: maildir write failed ({error}); queued for retry",
-                    message_id=envelope.message_id,
-                    error=str(error),
+            except OSError as batch_error:
+                failed = {
+                    index: [(box, batch_error) for box in self.local.mailboxes_of(r)]
+                    for index, r in enumerate(local)
+                }
+            if failed and self.queue is None:
+                raise next(iter(failed.values()))[0][1]
+            for index, misses in sorted(failed.items()):
+                recipient = local[index]
+                for _, problem in misses:
+                    maillog.warn(
+                        "{message_id}: maildir write failed for <{recipient}>"
+                        " ({error}); queued for retry",
+                        message_id=envelope.message_id,
+                        recipient=str(recipient.address),
+                        error=str(problem),
+                    )
+                # Only what is missing goes to the spool: the Maildirs that
+                # were written are not written again.
+                others = others + _to_retry(
+                    recipient, [box for box, _ in misses], self.local.mailboxes_of
                 )
-                others = envelope.recipients
         if others:
             assert self.queue is not None
             await self.queue.enqueue(_with_recipients(envelope, others), content)
         return replies.OK
+
+
+def _to_retry(
+    recipient: Recipient,
+    missing: list[Mailbox],
+    mailboxes_of: Callable[[Recipient], Sequence[Mailbox]],
+) -> list[Recipient]:
+    """
+    What the spool retries for a local recipient with Maildirs ``missing``:
+    the recipient itself when it has one Maildir; else one ``Route.MAILBOX``
+    recipient for each missing Maildir, with the original recipient as its
+    ORCPT (RFC 3461 section 4.2), so that a retry writes only those.
+    """
+    if len(mailboxes_of(recipient)) <= 1:
+        return [recipient]
+    orcpt = recipient.orcpt or f"rfc822;{encode_xtext(str(recipient.address))}"
+    return [
+        Recipient(
+            Address(box.local_part, box.domain),
+            Route.MAILBOX,
+            notify=recipient.notify,
+            orcpt=orcpt,
+        )
+        for box in missing
+    ]
 
 
 def _with_recipients(envelope: Envelope, recipients: list[Recipient]) -> Envelope:
@@ -187,21 +271,35 @@ class LocalFirstAgent:
             return self.outbound.deliver(
                 reverse_path, domain, recipients, content, envelope
             )
-        known = [r for r in recipients if self.local.mailboxes.resolve(r)]
+        # The envelope says how each recipient was queued (Route.MAILBOX: one
+        # Maildir of an alias, not to be expanded again).
+        routes = {r.address: r for r in envelope.recipients}
+        targets = [routes.get(a) or Recipient(a, Route.LOCAL) for a in recipients]
+        known = [r for r in targets if self.local.mailboxes_of(r)]
         results = [
-            RecipientResult(r, replies.NO_SUCH_USER, "local")
-            for r in recipients
+            RecipientResult(r.address, replies.NO_SUCH_USER, "local")
+            for r in targets
             if r not in known
         ]
         deferred = self.local.deliver(envelope.message_id, reverse_path, known, content)
 
-        def stored(_: None) -> list[RecipientResult]:
-            return results + [RecipientResult(r, DELIVERED, "local") for r in known]
+        def stored(
+            failed: dict[int, list[tuple[Mailbox, OSError]]],
+        ) -> list[RecipientResult]:
+            # A recipient that has its copies is done; only the others retry.
+            return results + [
+                RecipientResult(
+                    r.address,
+                    replies.STORAGE_FAILED if i in failed else DELIVERED,
+                    "local",
+                )
+                for i, r in enumerate(known)
+            ]
 
         def failed(_: object) -> list[RecipientResult]:
             return results + [
-                RecipientResult(r, replies.STORAGE_FAILED, "local") for r in known
+                RecipientResult(r.address, replies.STORAGE_FAILED, "local")
+                for r in known
             ]
 
-        deferred.addCallbacks(stored, failed)
-        return deferred  # type: ignore[return-value]
+        return deferred.addCallbacks(stored, failed)

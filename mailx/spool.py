@@ -892,7 +892,9 @@ class Spool(Service):
             self._report_for(
                 message,
                 r,
-                Action.DELIVERED if r.route is Route.LOCAL else Action.RELAYED,
+                Action.DELIVERED
+                if r.route in (Route.LOCAL, Route.MAILBOX)
+                else Action.RELAYED,
             )
             for r in delivered
             if r.wants("SUCCESS")

@@ -15,6 +15,7 @@ from mailx.dsn import (
     Report,
     build_report,
     decode_xtext,
+    encode_xtext,
     split_headers,
     status_of,
 )
@@ -128,6 +129,15 @@ def test_xtext_is_decoded() -> None:
     """``+XX`` in xtext becomes the octet it names."""
     assert decode_xtext("a+2Bb+3Dc") == "a+b=c"
     assert decode_xtext("plain") == "plain"
+
+
+def test_xtext_encoding_round_trips() -> None:
+    """ "+", "=", spaces and non-ASCII octets become +XX, and decode back."""
+    assert encode_xtext("a+b=c d@example.org") == "a+2Bb+3Dc+20d@example.org"
+    assert encode_xtext("plain@example.org") == "plain@example.org"
+    assert encode_xtext("\u00e9") == "+C3+A9"
+    for text in ("a+b=c d@example.org", "x;y@[127.0.0.1]"):
+        assert decode_xtext(encode_xtext(text)) == text
 
 
 def test_split_headers_stops_at_the_blank_line() -> None:

@@ -106,17 +106,24 @@ def test_messages_arriving_during_a_batch_share_the_next(tmp_path: Path) -> None
     assert len(list((tmp_path / "m" / "new").iterdir())) == 3
 
 
-def test_an_error_fails_only_its_submission(tmp_path: Path) -> None:
-    """One submitter's failed job does not fail another's in the same batch."""
+def test_each_job_has_its_own_outcome(tmp_path: Path) -> None:
+    """A failed job fails alone: its submission says which job, and another
+    submission in the same batch is untouched."""
     (tmp_path / "blocked").write_text("not a directory")
     io = ManualIO()
     commit = GroupCommit(io)
     commit.submit([(str(tmp_path / "m"), b"0\n")])
-    bad = commit.submit([(str(tmp_path / "blocked"), b"1\n")])
+    mixed = commit.submit(
+        [(str(tmp_path / "blocked"), b"1\n"), (str(tmp_path / "m"), b"1\n")]
+    )
     good = commit.submit([(str(tmp_path / "m"), b"2\n")])
     io.run_one()
     io.run_one()
-    outcomes: list[str] = []
-    bad.addCallbacks(lambda _: outcomes.append("ok"), lambda _: outcomes.append("err"))
-    good.addCallbacks(lambda _: outcomes.append("ok"), lambda _: outcomes.append("err"))
-    assert outcomes == ["err", "ok"]
+    outcomes: list[list[OSError | None]] = []
+    mixed.addCallback(outcomes.append)
+    good.addCallback(outcomes.append)
+    assert [[isinstance(e, OSError) for e in errors] for errors in outcomes] == [
+        [True, False],
+        [False],
+    ]
+    assert len(list((tmp_path / "m" / "new").iterdir())) == 3

@@ -414,6 +414,9 @@ def test_recovery_removes_what_it_reports_removed(tmp_path: Path) -> None:
 class OneMailbox:
     """Every address is one local mailbox, ``box``."""
 
+    domain = "example.net"
+    local_part = "box"
+
     def maildir(self, root: str) -> str:
         return f"{root}/box"
 

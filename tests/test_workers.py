@@ -180,3 +180,62 @@ def test_sighup_reaches_the_workers(tmp_path: Path) -> None:
         )
     finally:
         server.stop()
+
+
+def test_a_maildir_that_fails_costs_the_others_no_second_copy(
+    tmp_path: Path,
+) -> None:
+    """A worker that cannot write bob's Maildir writes alice's once and
+    hands only bob to the main process, which queues him; once his Maildir
+    can be written he gets one copy, and alice still has one."""
+    server, main, _ = start_two(tmp_path)
+    bob = server.maildir("example.org", "bob")
+    bob.parent.mkdir(parents=True, exist_ok=True)
+    bob.write_text("not a Maildir")
+    try:
+        os.kill(main, signal.SIGSTOP)
+        try:
+            outcome: list[dict[str, tuple[int, bytes]]] = []
+
+            def send() -> None:
+                with smtplib.SMTP("127.0.0.1", server.port, timeout=WAIT) as client:
+                    outcome.append(
+                        client.sendmail(
+                            "s@example.net",
+                            ["bob@example.org", "alice@example.org"],
+                            b"Subject: partial\r\n\r\nbody\r\n",
+                        )
+                    )
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            wait_until(
+                lambda: len(server.messages("example.org", "alice")) == 1,
+                "alice's copy, written by the worker",
+            )
+        finally:
+            os.kill(main, signal.SIGCONT)
+        sender.join(WAIT)
+        assert outcome == [{}]
+
+        bob.unlink()
+        subprocess.run(
+            [
+                str(PROJECT / ".venv/bin/mailx"),
+                "queue",
+                "flush",
+                "--config",
+                "mailx.toml",
+            ],
+            cwd=server.workdir,
+            capture_output=True,
+            check=True,
+        )
+        wait_until(
+            lambda: len(server.messages("example.org", "bob")) == 1, "bob's copy"
+        )
+        time.sleep(0.5)
+    finally:
+        server.stop()
+    assert len(server.messages("example.org", "alice")) == 1
+    assert len(server.messages("example.org", "bob")) == 1

@@ -1,0 +1,184 @@
+"""
+A message for several local recipients when one Maildir cannot be written:
+the others get their copy once, and only the one that failed is retried.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.task import Clock
+
+from mailx.address import Address
+from mailx.envelope import ClientInfo, Envelope, Recipient, Route
+from mailx.local import Mailbox
+from mailx.replies import Reply
+from mailx.router import GroupCommit, LocalFirstAgent, LocalStore, Router
+from mailx.spool import Spool, synchronous_io
+
+DOMAIN = "example.org"
+ALICE = Address("alice", DOMAIN)
+CAROL = Address("carol", DOMAIN)
+# An alias whose copies go to both mailboxes.
+BOTH = Address("both", DOMAIN)
+CONTENT = b"From: s@example.net\r\nSubject: partial\r\n\r\nBody.\r\n"
+MIN_RETRY = 300.0
+
+
+class Mailboxes:
+    def resolve(self, address: Address) -> list[Mailbox] | None:
+        if address.local_part == "both":
+            return [Mailbox(DOMAIN, "alice"), Mailbox(DOMAIN, "carol")]
+        return [Mailbox(DOMAIN, address.local_part)]
+
+
+class Setup:
+    """A Router and a spool that delivers local mail with LocalFirstAgent."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "mail"
+        self.clock = Clock()
+        commit = GroupCommit(synchronous_io)
+        self.local = LocalStore(str(self.root), Mailboxes(), commit)
+        agent = LocalFirstAgent(self.local, [DOMAIN], None)
+        self.spool = Spool(
+            str(tmp_path / "queue"),
+            self.clock,
+            agent,
+            "mx.example.org",
+            min_retry=MIN_RETRY,
+            max_retry=MIN_RETRY,
+            lifetime=86400,
+            delay_warning=0,
+            run_io=synchronous_io,
+        )
+        self.spool.startService()
+        self.router = Router(self.local, self.spool)
+
+    def block(self, local_part: str) -> None:
+        """A file where the Maildir should be: every write to it fails."""
+        (self.root / DOMAIN).mkdir(parents=True, exist_ok=True)
+        (self.root / DOMAIN / local_part).write_text("not a Maildir")
+
+    def unblock(self, local_part: str) -> None:
+        (self.root / DOMAIN / local_part).unlink()
+
+    def copies(self, local_part: str) -> int:
+        new = self.root / DOMAIN / local_part / "new"
+        return len(list(new.iterdir())) if new.is_dir() else 0
+
+    def receive(self, *recipients: Address) -> Reply:
+        envelope = Envelope(
+            reverse_path=Address("s", "example.net"),
+            recipients=[Recipient(r, Route.LOCAL) for r in recipients],
+            client=ClientInfo("192.0.2.1", 2525, helo="client.example.net"),
+            message_id=f"M{len(recipients)}",
+        )
+        replies: list[object] = []
+        self.router.receive(envelope, CONTENT).addBoth(replies.append)
+        (reply,) = replies
+        assert isinstance(reply, Reply)
+        return reply
+
+    def retry(self) -> None:
+        self.clock.advance(MIN_RETRY * 1.5)
+
+    def queued(self) -> list[str]:
+        envelopes = self.spool.store.envelope
+        return sorted(path.name for path in Path(envelopes).iterdir())
+
+
+def test_only_the_failed_recipient_is_queued_and_retried(tmp_path: Path) -> None:
+    """alice gets her copy at once and never again; carol's copy waits in the
+    spool until her Maildir can be written, then arrives once."""
+    setup = Setup(tmp_path)
+    setup.block("carol")
+
+    assert setup.receive(CAROL, ALICE).is_positive
+    assert setup.copies("alice") == 1
+    assert len(setup.queued()) == 1
+    (message_id,) = setup.queued()
+    stored = setup.spool.store.load(message_id)
+    assert [r.address for r in stored.recipients] == [CAROL]
+
+    setup.retry()
+    assert setup.copies("alice") == 1
+    setup.unblock("carol")
+    setup.retry()
+    assert setup.copies("carol") == 1
+    assert setup.copies("alice") == 1
+    assert setup.queued() == []
+
+
+def test_a_retry_delivers_only_the_recipients_still_waiting(tmp_path: Path) -> None:
+    """When the spool holds two local recipients and one Maildir fails, the
+    other is delivered once and done; the failed one alone is tried again."""
+    setup = Setup(tmp_path)
+    setup.block("alice")
+    setup.block("carol")
+    assert setup.receive(CAROL, ALICE).is_positive
+    assert setup.copies("alice") == setup.copies("carol") == 0
+
+    setup.unblock("alice")
+    setup.retry()
+    assert setup.copies("alice") == 1
+    setup.retry()
+    setup.retry()
+    assert setup.copies("alice") == 1
+    assert len(setup.queued()) == 1
+
+    setup.unblock("carol")
+    setup.retry()
+    assert (setup.copies("alice"), setup.copies("carol")) == (1, 1)
+    assert setup.queued() == []
+
+
+def test_an_alias_to_two_mailboxes_retries_only_the_failed_one(
+    tmp_path: Path,
+) -> None:
+    """For an alias whose copies go to two Maildirs, the one that failed is
+    queued alone, named as its Maildir with the alias as ORCPT, and the
+    other gets no second copy, however many retries it takes."""
+    setup = Setup(tmp_path)
+    setup.block("carol")
+    assert setup.receive(BOTH).is_positive
+    assert setup.copies("alice") == 1
+    (message_id,) = setup.queued()
+    (queued,) = setup.spool.store.load(message_id).recipients
+    assert (queued.address, queued.route) == (CAROL, Route.MAILBOX)
+    assert queued.orcpt == "rfc822;both@example.org"
+
+    setup.retry()
+    setup.retry()
+    assert setup.copies("alice") == 1
+    setup.unblock("carol")
+    setup.retry()
+    assert (setup.copies("alice"), setup.copies("carol")) == (1, 1)
+    assert setup.queued() == []
+
+
+def test_a_mailbox_recipient_is_not_expanded_again(tmp_path: Path) -> None:
+    """A queued Route.MAILBOX recipient is written into the Maildir it names,
+    even when that name is also an alias (here "both")."""
+    setup = Setup(tmp_path)
+    envelope = Envelope(
+        reverse_path=Address("s", "example.net"),
+        recipients=[Recipient(BOTH, Route.MAILBOX)],
+        message_id="MB",
+    )
+    setup.spool.enqueue(envelope, CONTENT)
+    assert setup.copies("both") == 1
+    assert (setup.copies("alice"), setup.copies("carol")) == (0, 0)
+
+
+def test_a_mailbox_recipient_cannot_leave_the_mail_root(tmp_path: Path) -> None:
+    """A Route.MAILBOX name that is not a safe local part is no such user."""
+    setup = Setup(tmp_path)
+    envelope = Envelope(
+        reverse_path=None,
+        recipients=[Recipient(Address("..", DOMAIN), Route.MAILBOX)],
+        message_id="MX",
+    )
+    setup.spool.enqueue(envelope, CONTENT)
+    assert not (tmp_path / "mail" / "new").exists()
+    assert setup.queued() == []
