@@ -241,10 +241,8 @@ class MailxService(MultiService):
         cast(IReactorFromThreads, reactor).callFromThread(self._reload)
 
     def _reload(self) -> None:
-        if self._mail_log_file is not None:
-            self._close_mail_log(None)
-            self._open_mail_log(self.config.log.mail_log)
-            maillog.info("mail log reopened")
+        if self.config.log.mail_log:
+            self._reopen_mail_log(self.config.log.mail_log)
         if self.tls is not None:
             self._reload_tls()
         if self.parts is not None:
@@ -264,10 +262,33 @@ class MailxService(MultiService):
             return
         maillog.info("TLS certificate reloaded from {path}", path=self.tls.certificate)
 
+    def _reopen_mail_log(self, path: str) -> None:
+        """
+        After logrotate moved the mail log: open the file anew, and only then
+        let the old one go.  If it cannot be opened the lines keep going to
+        the old file, the error says why, and the next SIGHUP tries again.
+        """
+        try:
+            file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as error:
+            maillog.error(
+                "mail log {path} cannot be reopened, writing on to the old file:"
+                " {error}",
+                path=path,
+                error=error.strerror or str(error),
+            )
+            return
+        self._close_mail_log(None)
+        self._use_mail_log(file)
+        maillog.info("mail log reopened")
+
     def _open_mail_log(self, path: str) -> None:
         """Send the mail log to its own file, instead of the twistd log."""
-        self._mail_log_file = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        self._mail_log = MailLogFile(self._mail_log_file, self.clock)
+        self._use_mail_log(open(path, "a", encoding="utf-8"))  # noqa: SIM115
+
+    def _use_mail_log(self, file: IO[str]) -> None:
+        self._mail_log_file = file
+        self._mail_log = MailLogFile(file, self.clock)
         maillog_router.destination = self._mail_log
 
 

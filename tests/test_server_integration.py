@@ -304,3 +304,47 @@ def test_sighup_reloads_the_aliases_file(tmp_path: Path) -> None:
         server.stop()
     assert len(server.messages("example.org", "alice")) == 2
     assert "aliases:2: target" in log.read_text()
+
+
+def test_a_mail_log_that_cannot_be_reopened_is_tried_again(tmp_path: Path) -> None:
+    """When SIGHUP cannot open the mail log anew, the lines go on into the old
+    file with the reason, the rest of the reload still happens, and the next
+    SIGHUP opens it."""
+    port = free_port()
+    config = basic_config(
+        port, extra='aliases = "aliases"\n[log]\nmail_log = "mail.log"\n'
+    )
+    server = MailxProcess(tmp_path / "mx", config, port=port)
+    (server.workdir / "aliases").write_text("sales: bob\n")
+    server.start()
+    log = server.workdir / "mail.log"
+    rotated = server.workdir / "mail.log.1"
+
+    def wait_for(path: Path, text: str) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if path.exists() and text in path.read_text():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in {path}")
+
+    try:
+        assert server.process is not None
+        log.rename(rotated)
+        log.mkdir()  # in the way: the new file cannot be opened
+        os.kill(server.process.pid, signal.SIGHUP)
+        wait_for(rotated, "mail log mail.log cannot be reopened")
+        wait_for(rotated, "aliases reloaded from aliases")
+
+        log.rmdir()
+        os.kill(server.process.pid, signal.SIGHUP)
+        wait_for(log, "mail log reopened")
+        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+            client.sendmail(
+                "s@example.net", ["sales@example.org"], b"Subject: x\r\n\r\n"
+            )
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+    assert "accepted from=<s@example.net>" in log.read_text()
+    assert "Traceback" not in server.log()
