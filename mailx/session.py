@@ -438,7 +438,8 @@ class Session:
             self._error(replies.NESTED_MAIL)
             return
         if self.config.require_auth and self.client.authenticated_as is None:
-            self._log_reject("MAIL", replies.AUTH_REQUIRED, None, [])
+            written = _written_path(argument)
+            self._log_reject("MAIL", replies.AUTH_REQUIRED, written, [])
             self._error(replies.AUTH_REQUIRED)
             return
         path = _argument_after(argument, "FROM:")
@@ -867,16 +868,21 @@ class Session:
         self,
         command: str,
         reply: Reply,
-        reverse_path: Address | None,
+        reverse_path: Address | str | None,
         forward_paths: list[Address],
     ) -> None:
+        """``reverse_path`` as text: as the client wrote it, not parsed."""
+        if isinstance(reverse_path, str):
+            sender = reverse_path
+        else:
+            sender = _path_text(reverse_path)
         maillog.info(
             "reject: {command} from [{client_address}]: {reply}; "
             "from=<{sender}> to=<{recipient}>",
             command=command,
             client_address=self.client.address,
             reply=str(reply),
-            sender=_path_text(reverse_path),
+            sender=sender,
             recipient=">,<".join(str(path) for path in forward_paths),
         )
 
@@ -894,6 +900,15 @@ def _take_over_trace(envelope: Envelope, content: bytes) -> None:
     )
     envelope.message_id = message_id
     envelope.client = ClientInfo(address=address, port=0, helo=helo, listener="worker")
+
+
+def _written_path(argument: str) -> str:
+    """
+    The reverse path of a MAIL argument as written, without its brackets and
+    parameters: what the log names when MAIL is refused before parsing.
+    """
+    path = (_argument_after(argument, "FROM:") or "").split(" ", 1)[0]
+    return path.removeprefix("<").removesuffix(">")
 
 
 def _argument_after(argument: str, keyword: str) -> str | None:

@@ -641,3 +641,31 @@ def test_a_refused_message_is_logged_with_its_recipients() -> None:
     assert formatEvent(event).endswith(
         "from=<sender@example.net> to=<alice@example.org>"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "logged"),
+    [
+        (b"MAIL FROM:<alice@example.org> SIZE=100", "from=<alice@example.org>"),
+        (b"MAIL FROM: <alice@example.org>", "from=<alice@example.org>"),
+        (b"MAIL FROM:<>", "from=<>"),
+    ],
+)
+def test_a_mail_refused_for_want_of_auth_is_logged_with_its_sender(
+    command: bytes, logged: str
+) -> None:
+    """530 to MAIL on a submission port logs the sender the client gave, not
+    an empty one that would read as a bounce's null reverse path."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        session, output, _, _ = make_session(
+            authenticator=FakeAuthenticator(), require_auth=True
+        )
+        feed(session, b"EHLO c\r\n" + command + b"\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert output.replies()[-1].startswith("530 5.7.0 ")
+    (event,) = [e for e in events if "reject" in str(e.get("log_format"))]
+    assert formatEvent(event).endswith(f"{logged} to=<>")
