@@ -90,6 +90,16 @@ class Options(usage.Options):
             raise ConfigError(
                 "server.smtps: implicit TLS needs tls.certificate and tls.key"
             )
+        server = self.config.server
+        if (server.submission or server.smtps) and not len(self.users):
+            # Both kinds of listener take mail only after AUTH (RFC 6409
+            # section 4.3), which needs users to check passwords against.
+            key = "server.submission" if server.submission else "server.smtps"
+            path = self.config.auth.users_file
+            lack = f"{path} lists no users" if path else "which needs auth.users_file"
+            raise ConfigError(
+                f"{key}: these listeners take mail only after AUTH, {lack}"
+            )
         _check_writable_directory("mailboxes.root", self.config.mailboxes.root)
         _check_writable_directory("queue.directory", self.config.queue.directory)
         control = os.path.dirname(self.config.server.control_socket) or "."
@@ -451,6 +461,12 @@ class _Parts:
             maillog.info(
                 "users reloaded from {path}: {count} users", path=path, count=len(users)
             )
+            if not len(users):
+                maillog.warn(
+                    "users file {path} lists no users now: nobody can"
+                    " authenticate until it does",
+                    path=path,
+                )
         elif len(users):
             # The listeners were made without AUTH: offering it needs them anew.
             maillog.warn(

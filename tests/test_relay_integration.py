@@ -517,3 +517,32 @@ def test_sighup_reloads_the_users_file(tmp_path: Path) -> None:
         server.process.stop()
     assert "line 1" in log
     assert "plain-text-password" not in log
+
+
+def test_an_empty_users_file_after_sighup_is_a_warning(tmp_path: Path) -> None:
+    """A users file emptied and reloaded warns that nobody can authenticate."""
+    server = make_exchanger(tmp_path / "mx")
+    server.process.start()
+    try:
+        assert server.process.process is not None
+        (server.process.workdir / "users").write_text("# nobody for now\n")
+        server.process.process.send_signal(signal.SIGHUP)
+        log = server.wait_for_log("users file users lists no users now")
+    finally:
+        server.process.stop()
+    assert "users reloaded from users: 0 users" in log
+
+
+def test_authenticating_listeners_without_users_stop_the_start(
+    tmp_path: Path,
+) -> None:
+    """Submission and implicit-TLS listeners with an empty users file could
+    take no mail: the start is refused with one line saying so."""
+    server = make_exchanger(tmp_path / "mx")
+    (server.process.workdir / "users").write_text("# nobody yet\n")
+    output = server.process.run_refused()
+    assert (
+        "server.submission: these listeners take mail only after AUTH,"
+        " users lists no users" in output
+    )
+    assert "Traceback" not in output
