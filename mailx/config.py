@@ -387,6 +387,7 @@ def _network(key: str, value: object) -> Network:
     wanted = "a network in CIDR notation such as '192.0.2.0/24'"
     if not isinstance(value, str):
         raise _fail(key, wanted, value)
+    _refuse_zone_index(key, value)
     try:
         network = ipaddress.ip_network(value, strict=False)
         host = ipaddress.ip_interface(value).ip
@@ -400,6 +401,19 @@ def _network(key: str, value: object) -> Network:
             f"or {host}/{host.max_prefixlen} for one host"
         )
     return network
+
+
+def _refuse_zone_index(key: str, value: str) -> None:
+    # RFC 4007 section 11: "fe80::1%eth0" names an interface of this host, and
+    # mailx matches a client's address alone, on whichever interface it came.
+    address, slash, prefix = value.partition("/")
+    address, percent, zone = address.partition("%")
+    if percent:
+        raise ConfigError(
+            f"{key}: {value!r} has a zone index (%{zone}), which has no meaning "
+            "in a network list (a client matches on any interface); "
+            f"write {address + slash + prefix!r}"
+        )
 
 
 def _address(key: str, value: object) -> str:

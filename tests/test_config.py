@@ -275,6 +275,27 @@ def test_relay_network_with_host_bits_is_refused(
     )
 
 
+@pytest.mark.parametrize(
+    ("entry", "zone", "written"),
+    [
+        ("fe80::1%eth0/128", "%eth0", "fe80::1/128"),
+        ("fe80::1%eth0", "%eth0", "fe80::1"),
+        ("fe80::%2/64", "%2", "fe80::/64"),
+    ],
+)
+def test_relay_network_with_a_zone_index_is_refused(
+    tmp_path: Path, entry: str, zone: str, written: str
+) -> None:
+    """A relay.networks entry with a zone index is refused, saying it has no meaning."""
+    message = refusal(tmp_path, f'[relay]\nnetworks = ["{entry}"]\n')
+
+    assert message == (
+        f"relay.networks: {entry!r} has a zone index ({zone}), which has no "
+        "meaning in a network list (a client matches on any interface); "
+        f"write {written!r}"
+    )
+
+
 def test_ints_are_accepted_for_seconds(tmp_path: Path) -> None:
     """An integer is a valid duration and is stored as a float."""
     config = load_text(tmp_path, "[delivery]\nconnect_timeout = 7\n")
