@@ -41,6 +41,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_PORT = 65535
 # The DNS port (RFC 1035 section 4.2).
 DNS_PORT = 53
+# The IPv4-mapped IPv6 addresses (RFC 4291 section 2.5.5.2).
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 class ConfigError(Exception):
@@ -393,6 +395,7 @@ def _network(key: str, value: object) -> Network:
         host = ipaddress.ip_interface(value).ip
     except ValueError:
         raise _fail(key, wanted, value) from None
+    _refuse_everyone(key, value, network)
     # "192.0.2.5/24" may mean the network or the one host; a relay decision
     # is not guessed, so the operator is asked to write which.
     if host != network.network_address:
@@ -413,6 +416,25 @@ def _refuse_zone_index(key: str, value: str) -> None:
             f"{key}: {value!r} has a zone index (%{zone}), which has no meaning "
             "in a network list (a client matches on any interface); "
             f"write {address + slash + prefix!r}"
+        )
+
+
+def _refuse_everyone(key: str, value: str, network: Network) -> None:
+    # RFC 2505 section 2: an MTA must refuse to relay for strangers, so no
+    # entry may cover a whole address family.  An IPv4 client on an IPv6
+    # socket has an address in ::ffff:0:0/96 (RFC 4291 section 2.5.5.2).
+    covered = ""
+    if network.prefixlen == 0:
+        covered = f"every IPv{network.version} address"
+    elif isinstance(network, ipaddress.IPv6Network) and network.supernet_of(
+        _IPV4_MAPPED
+    ):
+        covered = f"every IPv4 address (as {_IPV4_MAPPED})"
+    if covered:
+        raise ConfigError(
+            f"{key}: {value!r} covers {covered}, which would make mailx an open "
+            "relay; list the networks of the clients that may relay instead, "
+            "such as '192.0.2.0/24'"
         )
 
 

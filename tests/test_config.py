@@ -258,7 +258,6 @@ def test_wrong_values(
     [
         ("192.168.1.5/24", "192.168.1.0/24", "192.168.1.5/32"),
         ("192.168.1.5/255.255.255.0", "192.168.1.0/24", "192.168.1.5/32"),
-        ("10.0.0.1/0", "0.0.0.0/0", "10.0.0.1/32"),
         ("2001:db8::1/32", "2001:db8::/32", "2001:db8::1/128"),
         ("fe80::1:2/64", "fe80::/64", "fe80::1:2/128"),
     ],
@@ -293,6 +292,29 @@ def test_relay_network_with_a_zone_index_is_refused(
         f"relay.networks: {entry!r} has a zone index ({zone}), which has no "
         "meaning in a network list (a client matches on any interface); "
         f"write {written!r}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "covered"),
+    [
+        ("0.0.0.0/0", "every IPv4 address"),
+        ("::/0", "every IPv6 address"),
+        ("10.0.0.1/0", "every IPv4 address"),
+        ("::ffff:0.0.0.0/96", "every IPv4 address (as ::ffff:0:0/96)"),
+        ("::/80", "every IPv4 address (as ::ffff:0:0/96)"),
+    ],
+)
+def test_relay_network_of_everyone_is_refused(
+    tmp_path: Path, entry: str, covered: str
+) -> None:
+    """An entry covering all of IPv4 or of IPv6 is refused as an open relay."""
+    message = refusal(tmp_path, f'[relay]\nnetworks = ["127.0.0.0/8", "{entry}"]\n')
+
+    assert message == (
+        f"relay.networks: {entry!r} covers {covered}, which would make mailx "
+        "an open relay; list the networks of the clients that may relay "
+        "instead, such as '192.0.2.0/24'"
     )
 
 
