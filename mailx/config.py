@@ -25,6 +25,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_PORT = 65535
 # The DNS port (RFC 1035 section 4.2).
 DNS_PORT = 53
+# An address, then optionally a slash and a prefix length without leading zeros.
+_CIDR = re.compile(r"[^/]+(?:/(?:0|[1-9][0-9]*))?")
 # The IPv4-mapped IPv6 addresses (RFC 4291 section 2.5.5.2).
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
@@ -386,10 +389,18 @@ def _endpoint(key: str, value: object) -> str:
 
 
 def _network(key: str, value: object) -> Network:
-    wanted = "a network in CIDR notation such as '192.0.2.0/24'"
+    wanted = (
+        "a network in CIDR notation, an address or address/prefix-length with "
+        "the length in decimal without leading zeros, such as '192.0.2.0/24'"
+    )
     if not isinstance(value, str):
         raise _fail(key, wanted, value)
     _refuse_zone_index(key, value)
+    # RFC 4632 section 3.1 and RFC 4291 section 2.3: the length after the
+    # slash is a decimal count of bits.  A netmask (/255.0.0.0) or a padded
+    # length (/08), which the ipaddress module also takes, is refused.
+    if not _CIDR.fullmatch(value):
+        raise _fail(key, wanted, value)
     try:
         network = ipaddress.ip_network(value, strict=False)
         host = ipaddress.ip_interface(value).ip

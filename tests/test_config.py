@@ -216,6 +216,12 @@ WRONG_VALUES = [
     ("relay", "networks", '["fe80::/129"]', "must be a network in CIDR notation"),
     ("relay", "networks", '["example.com"]', "must be a network in CIDR notation"),
     ("relay", "networks", "[24]", "must be a network in CIDR notation"),
+    ("relay", "networks", '["127.0.0.0/255.0.0.0"]', "must be a network in CIDR"),
+    ("relay", "networks", '["127.0.0.0/0.255.255.255"]', "must be a network in CIDR"),
+    ("relay", "networks", '["127.0.0.0/08"]', "must be a network in CIDR notation"),
+    ("relay", "networks", '["::1/0128"]', "must be a network in CIDR notation"),
+    ("relay", "networks", '["10.0.0.0/+8"]', "must be a network in CIDR notation"),
+    ("relay", "networks", '["10.0.0.0/"]', "must be a network in CIDR notation"),
     ("auth", "users_file", "false", "must be a string"),
     ("queue", "min_retry", '"5m"', "must be a number of seconds > 0"),
     ("queue", "delay_warning", "-1", "must be a number of seconds >= 0"),
@@ -257,7 +263,6 @@ def test_wrong_values(
     ("entry", "network", "host"),
     [
         ("192.168.1.5/24", "192.168.1.0/24", "192.168.1.5/32"),
-        ("192.168.1.5/255.255.255.0", "192.168.1.0/24", "192.168.1.5/32"),
         ("2001:db8::1/32", "2001:db8::/32", "2001:db8::1/128"),
         ("fe80::1:2/64", "fe80::/64", "fe80::1:2/128"),
     ],
@@ -315,6 +320,17 @@ def test_relay_network_of_everyone_is_refused(
         f"relay.networks: {entry!r} covers {covered}, which would make mailx "
         "an open relay; list the networks of the clients that may relay "
         "instead, such as '192.0.2.0/24'"
+    )
+
+
+def test_relay_network_refusal_says_what_is_wanted(tmp_path: Path) -> None:
+    """A netmask or a zero-padded length is refused, saying to write the length."""
+    message = refusal(tmp_path, '[relay]\nnetworks = ["127.0.0.0/255.0.0.0"]\n')
+
+    assert message == (
+        "relay.networks: must be a network in CIDR notation, an address or "
+        "address/prefix-length with the length in decimal without leading "
+        "zeros, such as '192.0.2.0/24', got '127.0.0.0/255.0.0.0'"
     )
 
 
