@@ -77,9 +77,12 @@ class RelayPolicy:
             return False
         candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
         # RFC 4291 section 2.5.5.2: ::ffff:a.b.c.d is the IPv4 client a.b.c.d
-        # on a dual-stack socket; either form in relay.networks matches.
+        # on a dual-stack socket; either form in relay.networks matches, for
+        # a client on an IPv4 socket as for one on an IPv6 socket.
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             candidates.append(address.ipv4_mapped)
+        if isinstance(address, ipaddress.IPv4Address):
+            candidates.append(ipaddress.IPv6Address(f"::ffff:{address}"))
         return any(
             candidate in network
             for candidate in candidates

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
 from mailx import replies
 from mailx.address import Address, AddressError, parse_forward_path, parse_reverse_path
+from mailx.config import load_config
 from mailx.envelope import ClientInfo, RecipientDecision, Route
 from mailx.policy import RelayPolicy
 from mailx.replies import Reply
@@ -38,6 +40,8 @@ def make_policy(
         [
             ipaddress.ip_network("10.0.0.0/8"),
             ipaddress.ip_network("2001:db8:1::/48"),
+            # An IPv4 host written as an IPv4-mapped IPv6 network.
+            ipaddress.ip_network("::ffff:127.0.0.3/128"),
         ],
         local_exists,
         sender_addresses=sender_addresses,
@@ -89,6 +93,13 @@ CLIENTS = {
     "trusted-v6": (ClientInfo("2001:db8:1::5", 4000), True),
     "trusted-v4-mapped": (ClientInfo("::ffff:10.1.2.3", 4000), True),
     "authenticated": (ClientInfo("192.0.2.7", 4000, authenticated_as="alice"), True),
+    "trusted-v4-by-mapped-entry": (ClientInfo("127.0.0.3", 4000), True),
+    "trusted-v4-mapped-by-mapped-entry": (ClientInfo("::ffff:127.0.0.3", 4000), True),
+    "untrusted-v4-beside-mapped-entry": (ClientInfo("127.0.0.4", 4000), False),
+    "untrusted-v4-mapped-beside-mapped-entry": (
+        ClientInfo("::ffff:127.0.0.4", 4000),
+        False,
+    ),
 }
 
 RELAY_DENIED = Outcome(554, "5.7.1", None)
@@ -180,6 +191,21 @@ def test_mapped_network_in_the_configuration() -> None:
     assert not policy.is_trusted(ClientInfo("::ffff:11.9.9.9", 1))
 
 
+def test_mapped_entry_of_the_configuration_file_trusts_the_ipv4_host(
+    tmp_path: Path,
+) -> None:
+    """relay.networks ::ffff:127.0.0.3/128 lets 127.0.0.3 relay and not 127.0.0.4."""
+    path = tmp_path / "mailx.toml"
+    path.write_text('[relay]\nnetworks = ["::ffff:127.0.0.3/128"]\n')
+    networks = load_config(str(path)).relay.networks
+    policy = RelayPolicy([LOCAL], [], networks, local_exists)
+
+    relayed = Outcome(250, "2.1.5", Route.RELAY)
+    assert decide(policy, ClientInfo("127.0.0.3", 1), "<u@other.example>") == relayed
+    refused = decide(policy, ClientInfo("127.0.0.4", 1), "<u@other.example>")
+    assert refused == RELAY_DENIED
+
+
 def test_recipients_are_decided_one_by_one() -> None:
     """In one transaction a local recipient is accepted and a relay refused."""
     policy = make_policy()
@@ -243,10 +269,13 @@ SERVED_BATTERY = {
 }
 
 
+@pytest.mark.parametrize(
+    "client", [UNTRUSTED, ClientInfo("127.0.0.4", 4000)], ids=["v4", "v4-beside-mapped"]
+)
 @pytest.mark.parametrize("argument", UNSERVED_BATTERY.values(), ids=UNSERVED_BATTERY)
-def test_battery_unserved_domain_is_refused(argument: str) -> None:
+def test_battery_unserved_domain_is_refused(client: ClientInfo, argument: str) -> None:
     """An untrusted client's RCPT whose final domain is not served gets a 5xx."""
-    outcome = decide(make_policy(), UNTRUSTED, argument)
+    outcome = decide(make_policy(), client, argument)
     assert outcome.route is None
     assert outcome.code >= 500
 
