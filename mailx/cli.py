@@ -183,11 +183,14 @@ class QueueTool:
         self._load(message_id)
         if not self._ask_server(f"delete {message_id}"):
             self.store.remove(message_id)
+        print(f"{message_id}: deleted", file=self.out)
 
     def hold(self, message_id: str, hold: bool) -> None:
         self._load(message_id)
         verb = "hold" if hold else "release"
+        done = "placed on hold" if hold else "released"
         if self._ask_server(f"{verb} {message_id}"):
+            print(f"{message_id}: {done}", file=self.out)
             return
 
         def change(message: QueuedMessage) -> None:
@@ -196,6 +199,7 @@ class QueueTool:
                 message.next_attempt = 0.0
 
         self._change(message_id, change)
+        print(f"{message_id}: {done}", file=self.out)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -76,7 +76,7 @@ class ControlProtocol(LineOnlyReceiver):
 
     async def _run(self, text: str) -> str:
         # Imported here: mailx.spool imports this module when it listens.
-        from mailx.spool import QUEUE_ID, MessageHeld, UnknownMessage
+        from mailx.spool import QUEUE_ID, MessageGone, MessageHeld, UnknownMessage
 
         verb, _, message_id = text.partition(" ")
         message_id = message_id.strip()
@@ -99,6 +99,11 @@ class ControlProtocol(LineOnlyReceiver):
             ran = action(message_id)
             if ran is not None:
                 await ran
+        except MessageGone:
+            return (
+                f"error message {message_id} left the queue during the delivery"
+                " attempt the command waited for (delivered, returned or expired)"
+            )
         except UnknownMessage:
             return f"error no such message {message_id}"
         except MessageHeld:

@@ -140,6 +140,10 @@ class UnknownMessage(KeyError):
     """No message with this queue id is in the spool."""
 
 
+class MessageGone(UnknownMessage):
+    """The message left the queue during the attempt a command waited for."""
+
+
 class MessageHeld(Exception):
     """The message is on hold; release it first."""
 
@@ -1032,9 +1036,20 @@ class Spool(Service):
         """Let a held message go, with an attempt at once."""
         return self._set_hold(message_id, False)
 
+    def _known_after_wait(self, message_id: str, was_in_flight: bool) -> None:
+        """After waiting for the message's lock: is it still queued?"""
+        if message_id not in self.schedule and was_in_flight:
+            raise MessageGone(message_id)
+        self._known(message_id)
+
     def _set_hold(self, message_id: str, hold: bool) -> Deferred[None]:
+        was_in_flight = message_id in self._in_flight
+
         async def change() -> None:
-            self._known(message_id)
+            self._known_after_wait(message_id, was_in_flight)
+            if self.schedule.is_held(message_id) == hold:
+                # Held already, or not held: nothing to write or to log.
+                return
             # The envelope on disk is the one to change from now on.
             self._take_fresh(message_id)
             message = await self._run_io(lambda: self.store.load(message_id))
@@ -1052,8 +1067,10 @@ class Spool(Service):
     def delete(self, message_id: str) -> Deferred[None]:
         """Take a message off the queue without any report."""
 
+        was_in_flight = message_id in self._in_flight
+
         async def remove() -> None:
-            self._known(message_id)
+            self._known_after_wait(message_id, was_in_flight)
             self._take_fresh(message_id)
             await self._removals.submit(message_id)
             self.schedule.remove(message_id)

@@ -10,15 +10,24 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import reactor, threads
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from mailx.address import Address
 from mailx.cli import EX_DATAERR, EX_OK, main
+from mailx.control import ControlProtocol
 from mailx.envelope import ClientInfo, Envelope, Recipient, Route
 from mailx.replies import Reply
-from mailx.spool import RecipientResult, Spool, SpoolStore, synchronous_io
+from mailx.spool import (
+    MessageGone,
+    RecipientResult,
+    Spool,
+    SpoolStore,
+    UnknownMessage,
+    synchronous_io,
+)
 
 CONTENT = (
     b"From: alice@example.org\r\n"
@@ -176,7 +185,10 @@ def test_delete_without_server_removes_files(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     message_id = queue_message(tmp_path, "bob")
 
-    assert run("queue", "delete", message_id, "--config", config)[0] == EX_OK
+    assert run("queue", "delete", message_id, "--config", config) == (
+        EX_OK,
+        f"{message_id}: deleted\n",
+    )
     assert os.listdir(tmp_path / "queue" / "envelope") == []
     assert os.listdir(tmp_path / "queue" / "content") == []
 
@@ -187,7 +199,10 @@ def test_hold_and_release_without_server(tmp_path: Path) -> None:
     message_id = queue_message(tmp_path, "bob")
     store = SpoolStore(str(tmp_path / "queue"))
 
-    assert run("queue", "hold", message_id, "--config", config)[0] == EX_OK
+    assert run("queue", "hold", message_id, "--config", config) == (
+        EX_OK,
+        f"{message_id}: placed on hold\n",
+    )
     assert store.load(message_id).hold
     assert f"{message_id}!" in run("queue", "list", "--config", config)[1]
     shown = run("queue", "show", message_id, "--config", config)[1]
@@ -258,13 +273,19 @@ class ControlChannelTests(unittest.TestCase):
 
     async def _hold(self) -> None:
         message_id = await self._queue_and_wait()
-        assert await self._cli("queue", "hold", message_id) == (EX_OK, "")
+        assert await self._cli("queue", "hold", message_id) == (
+            EX_OK,
+            f"{message_id}: placed on hold\n",
+        )
         assert self.spool.schedule.is_held(message_id)
         assert self.spool.store.load(message_id).hold
         status, _ = await self._cli("queue", "flush", message_id)
         assert status == EX_DATAERR
 
-        assert await self._cli("queue", "release", message_id) == (EX_OK, "")
+        assert await self._cli("queue", "release", message_id) == (
+            EX_OK,
+            f"{message_id}: released\n",
+        )
         assert not self.spool.schedule.is_held(message_id)
 
     def test_hold_and_release_go_through_the_server(self) -> Deferred[None]:
@@ -273,7 +294,10 @@ class ControlChannelTests(unittest.TestCase):
 
     async def _delete(self) -> None:
         message_id = await self._queue_and_wait()
-        assert await self._cli("queue", "delete", message_id) == (EX_OK, "")
+        assert await self._cli("queue", "delete", message_id) == (
+            EX_OK,
+            f"{message_id}: deleted\n",
+        )
         assert message_id not in self.spool.schedule
         assert self.spool.store.ids() == []
         status, _ = await self._cli("queue", "delete", message_id)
@@ -282,3 +306,34 @@ class ControlChannelTests(unittest.TestCase):
     def test_delete_goes_through_the_server(self) -> Deferred[None]:
         """``queue delete`` on a running server removes the message from it."""
         return Deferred.fromCoroutine(self._delete())
+
+
+class GoneTarget:
+    """A spool whose message left during the attempt a command waited for."""
+
+    def flush(self, message_id: str | None = None) -> None:
+        pass
+
+    def hold(self, message_id: str) -> Deferred[None]:
+        return fail(MessageGone(message_id))
+
+    def release(self, message_id: str) -> Deferred[None]:
+        return fail(UnknownMessage(message_id))
+
+    def delete(self, message_id: str) -> Deferred[None]:
+        return fail(MessageGone(message_id))
+
+
+def test_the_control_channel_says_a_message_left_during_its_attempt() -> None:
+    """hold or delete of a message delivered meanwhile is answered with that,
+    not with "no such message"."""
+    protocol = ControlProtocol(GoneTarget())
+    transport = StringTransport()
+    protocol.transport = transport
+    protocol.lineReceived(b"hold 31809G8ZB66012R7BG4J")
+    protocol.lineReceived(b"release 31809G8ZB66012R7BG4J")
+    answers = transport.value().decode().splitlines()
+    assert answers[0].startswith(
+        "error message 31809G8ZB66012R7BG4J left the queue during the delivery attempt"
+    )
+    assert answers[1] == "error no such message 31809G8ZB66012R7BG4J"

@@ -16,6 +16,7 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailx import replies
@@ -24,6 +25,7 @@ from mailx.envelope import ClientInfo, Envelope, Recipient, Route
 from mailx.queue import MessageKind, QueuedMessage, RecipientState
 from mailx.replies import Reply, ReplyError
 from mailx.spool import (
+    MessageGone,
     MessageHeld,
     RecipientResult,
     Spool,
@@ -824,6 +826,47 @@ def test_delete_waits_for_an_attempt_under_way(
     assert deleted == [None]
     assert queued_ids(tmp_path) == []
     assert message_id not in spool.schedule
+
+
+def test_a_command_waiting_for_a_delivered_message_says_it_left(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent
+) -> None:
+    """A hold or delete that waited for an attempt which delivered the message
+    fails with MessageGone, not a plain "no such message"."""
+    agent.hang = True
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    message_id = result_of(spool.enqueue(envelope("bob"), CONTENT))
+    outcomes: list[Failure] = []
+    spool.hold(message_id).addErrback(outcomes.append)
+    spool.delete(message_id).addErrback(outcomes.append)
+    assert outcomes == []
+
+    [address] = agent.calls[0].recipients
+    agent.pending[0].callback([RecipientResult(address, replies.OK)])
+    assert [type(failure.value) for failure in outcomes] == [MessageGone, MessageGone]
+    # Asked afterwards, it is simply not there.
+    spool.hold(message_id).addErrback(outcomes.append)
+    assert type(outcomes[-1].value) is UnknownMessage
+
+
+def test_holding_a_held_message_changes_nothing(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent, mail_log: list[str]
+) -> None:
+    """A second hold, or a release of a message not held, writes and logs
+    nothing."""
+    agent.script = {"bob": [DEFERRED]}
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    message_id = result_of(spool.enqueue(envelope("bob"), CONTENT))
+    result_of(spool.hold(message_id))
+    result_of(spool.hold(message_id))
+    result_of(spool.release(message_id))
+    result_of(spool.release(message_id))
+    assert [line for line in mail_log if line.endswith(message_id)] == [
+        f"held {message_id}",
+        f"released {message_id}",
+    ]
 
 
 def test_flush_during_an_attempt_tries_again_after_it(
