@@ -51,6 +51,7 @@ from zope.interface import Attribute, Interface, implementer
 from mailx.address import AddressError, parse_domain, parse_mailbox
 from mailx.clients import client_key
 from mailx.envelope import ClientInfo
+from mailx.files import read_regular_file
 from mailx.maillog import maillog
 
 log = Logger()
@@ -269,12 +270,13 @@ def load_users(path: str) -> Users:
     if not path:
         return Users()
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as error:
+        text = read_regular_file(path).decode("utf-8")
+    except OSError as error:
         raise UsersFileError(
-            f"auth.users_file: cannot read {path!r}: {error}"
+            f"auth.users_file: cannot read {path!r}: {error.strerror}"
         ) from None
+    except UnicodeDecodeError:
+        raise UsersFileError(f"auth.users_file: {path!r} is not UTF-8") from None
     return parse_users(text, f"auth.users_file {path!r}")
 
 

@@ -37,6 +37,7 @@ from typing import TypeVar
 
 from mailx.address import Address
 from mailx.config import Config, ConfigError, is_safe_local_part
+from mailx.files import read_regular_file
 
 # How deep aliases may refer to aliases; sendmail's MaxAliasRecursion default.
 MAX_ALIAS_DEPTH = 10
@@ -104,8 +105,7 @@ def empty_aliases() -> AliasTable:
 def load_aliases(path: str, local_domains: Sequence[str]) -> AliasTable:
     """Read and parse the aliases file at ``path``; ConfigError names the line."""
     try:
-        with open(path, "rb") as file:
-            text = file.read().decode("utf-8")
+        text = read_regular_file(path).decode("utf-8")
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
     except UnicodeDecodeError:

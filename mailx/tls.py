@@ -22,6 +22,8 @@ from twisted.internet.interfaces import (
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from mailx.files import read_regular_file
+
 
 class TLSConfigError(Exception):
     """The certificate or key cannot be used; the message says why."""
@@ -57,8 +59,7 @@ def load_context_factory(certificate: str, key: str) -> ssl.CertificateOptions:
 
 def _read(path: str) -> bytes:
     try:
-        with open(path, "rb") as file:
-            return file.read()
+        return read_regular_file(path)
     except OSError as error:
         raise TLSConfigError(f"cannot read {path}: {error.strerror}") from None
 
