@@ -22,11 +22,15 @@ refused.
 
 An authenticated user listed in ``sender_addresses`` may use only those
 reverse paths (``@domain`` allows the whole domain); others get 553 5.7.1.
+Addresses are compared without case, and a quoted local part whose content
+is a plain dot-string (``"alice"``) as its unquoted form (``alice``); any
+other quoted local part (``"al ice"``) only as written.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 from twisted.internet.defer import Deferred, succeed
@@ -37,6 +41,12 @@ from mailx.envelope import ClientInfo, RecipientDecision, Route
 from mailx.replies import Reply
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# RFC 5321 section 4.1.2 Dot-string, with the UTF-8 atext of RFC 6531 section 3.3.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+# RFC 5321 section 4.1.2 quoted-pairSMTP: a backslash and the character it quotes.
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 class RelayPolicy:
@@ -63,7 +73,7 @@ class RelayPolicy:
     ) -> None:
         """The users limited to some reverse paths, from now on."""
         self.sender_addresses = {
-            user: frozenset(address.lower() for address in addresses)
+            user: frozenset(_entry_key(entry) for entry in addresses)
             for user, addresses in sender_addresses.items()
         }
 
@@ -132,5 +142,25 @@ def _may_send(reverse_path: Address | None, allowed: frozenset[str]) -> bool:
     """An entry ``user@domain`` allows that address, ``@domain`` all of it."""
     if reverse_path is None:
         return False
-    key = f"{reverse_path.local_part}@{reverse_path.domain}".lower()
+    key = _mailbox_key(reverse_path.local_part, reverse_path.domain)
     return key in allowed or f"@{reverse_path.domain_key}" in allowed
+
+
+def _entry_key(entry: str) -> str:
+    """An entry ``local@domain`` or ``@domain`` as ``_may_send`` compares it."""
+    local_part, _, domain = entry.rpartition("@")
+    if not local_part:
+        return entry.lower()
+    return _mailbox_key(local_part, domain)
+
+
+def _mailbox_key(local_part: str, domain: str) -> str:
+    """The address as compared: lower-cased, a needless quoting undone."""
+    # RFC 5321 section 4.1.2: a quoted string whose content is a valid
+    # dot-string names the same mailbox as that dot-string.  Any other quoted
+    # local part is kept with its quotes, so it never equals an unquoted one.
+    if len(local_part) >= 2 and local_part[0] == local_part[-1] == '"':
+        content = _QUOTED_PAIR.sub(r"\1", local_part[1:-1])
+        if _DOT_STRING.fullmatch(content):
+            local_part = content
+    return f"{local_part}@{domain}".lower()

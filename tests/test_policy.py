@@ -6,10 +6,13 @@ open-relay battery, and the sender addresses of authenticated users.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 
 from mailx import replies
@@ -354,6 +357,17 @@ def sender_reply(policy: RelayPolicy, client: ClientInfo, argument: str) -> Repl
         ("<alice%team.example@other.example>", False),
         ("<@team.example:alice@other.example>", False),
         ("<>", False),
+        # RFC 5321 section 4.1.2: a quoted dot-string is the same local part.
+        ('<"alice"@local.example>', True),
+        ('<"ALICE"@local.example>', True),
+        ('<"al\\ice"@local.example>', True),
+        ('<"bob"@local.example>', False),
+        ('<"al ice"@local.example>', False),
+        ('<"alice."@local.example>', False),
+        ('<"\\"alice\\""@local.example>', False),
+        ('<"alice@local.example"@other.example>', False),
+        ('<"alice"@other.example>', False),
+        ('<""@local.example>', False),
     ],
 )
 def test_authenticated_sender_addresses(argument: str, allowed: bool) -> None:
@@ -364,6 +378,41 @@ def test_authenticated_sender_addresses(argument: str, allowed: bool) -> None:
         assert reply == replies.SENDER_OK
     else:
         assert (reply.code, reply.enhanced) == (553, "5.7.1")
+
+
+@pytest.mark.parametrize(
+    ("entry", "argument", "allowed"),
+    [
+        ('"alice"@local.example', "<alice@local.example>", True),
+        ('"alice"@local.example', '<"alice"@local.example>', True),
+        ('"al ice"@local.example', '<"al ice"@local.example>', True),
+        ('"al ice"@local.example', "<alice@local.example>", False),
+        ('"al ice"@local.example', '<"alice"@local.example>', False),
+    ],
+)
+def test_quoted_entries(entry: str, argument: str, allowed: bool) -> None:
+    """A quoted dot-string entry allows its unquoted form; others only themselves."""
+    policy = make_policy({"alice": [entry]})
+    reply = sender_reply(policy, AUTHENTICATED, argument)
+    assert reply == (replies.SENDER_OK if allowed else replies.SENDER_NOT_OWNED)
+
+
+# Pieces of quoted local parts near "alice": quoted-pairs, spaces, dots, "@".
+NEAR_ALICE = ["alice", "ALI", "al", "ice", "\\i", "\\ ", " ", ".", "@", '\\"', "\\\\"]
+
+
+@given(st.lists(st.sampled_from(NEAR_ALICE), min_size=1, max_size=5).map("".join))
+def test_no_quoted_local_part_but_alice_passes_for_alice(content: str) -> None:
+    """A quoted local part is allowed for alice exactly when it unquotes to alice."""
+    policy = make_policy({"alice": ["alice@local.example"]})
+    try:
+        parsed = parse_reverse_path(f'<"{content}"@local.example>', utf8=False)
+    except AddressError:
+        return
+    assert parsed.address is not None
+    reply = sender_result(policy.check_sender(AUTHENTICATED, parsed.address))
+    named = re.sub(r"\\(.)", r"\1", content)
+    assert (reply == replies.SENDER_OK) == (named.lower() == "alice")
 
 
 def test_users_without_addresses_and_anonymous_clients_may_use_any() -> None:
