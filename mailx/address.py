@@ -33,6 +33,8 @@ _ULABEL += r"[A-Za-z0-9\u0080-\U0010ffff])?"
 
 _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 _DOT_STRING_UTF8 = re.compile(rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*")
+# quoted-pairSMTP: a backslash and the character it quotes.
+_QUOTED_PAIR = re.compile(r"\\(.)")
 # qtextSMTP is %d32-33 / %d35-91 / %d93-126; quoted-pairSMTP is "\" %d32-126.
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 _QUOTED_UTF8 = re.compile(
@@ -185,6 +187,20 @@ def _without_root_dot(mailbox: str) -> str:
     if domain.endswith(".") and not domain.startswith("["):
         return mailbox[:-1]
     return mailbox
+
+
+def unquoted_local_part(local_part: str) -> str:
+    """
+    The local part as mailx compares it: a quoted string whose content is a
+    dot-string names the same mailbox as that dot-string (RFC 5321 section
+    4.1.2), so ``"alice"`` is ``alice``.  Any other local part is returned as
+    written, quotes included, so it never equals an unquoted one.
+    """
+    if len(local_part) >= 2 and local_part[0] == local_part[-1] == '"':
+        content = _QUOTED_PAIR.sub(r"\1", local_part[1:-1])
+        if _DOT_STRING_UTF8.fullmatch(content):
+            return content
+    return local_part
 
 
 def split_path_and_parameters(argument: str) -> tuple[str, str]:

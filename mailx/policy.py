@@ -30,23 +30,16 @@ other quoted local part (``"al ice"``) only as written.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable, Iterable, Mapping
 
 from twisted.internet.defer import Deferred, succeed
 
 from mailx import replies
-from mailx.address import POSTMASTER, Address
+from mailx.address import POSTMASTER, Address, unquoted_local_part
 from mailx.envelope import ClientInfo, RecipientDecision, Route
 from mailx.replies import Reply
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-# RFC 5321 section 4.1.2 Dot-string, with the UTF-8 atext of RFC 6531 section 3.3.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
-_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
-# RFC 5321 section 4.1.2 quoted-pairSMTP: a backslash and the character it quotes.
-_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 class RelayPolicy:
@@ -156,11 +149,4 @@ def _entry_key(entry: str) -> str:
 
 def _mailbox_key(local_part: str, domain: str) -> str:
     """The address as compared: lower-cased, a needless quoting undone."""
-    # RFC 5321 section 4.1.2: a quoted string whose content is a valid
-    # dot-string names the same mailbox as that dot-string.  Any other quoted
-    # local part is kept with its quotes, so it never equals an unquoted one.
-    if len(local_part) >= 2 and local_part[0] == local_part[-1] == '"':
-        content = _QUOTED_PAIR.sub(r"\1", local_part[1:-1])
-        if _DOT_STRING.fullmatch(content):
-            local_part = content
-    return f"{local_part}@{domain}".lower()
+    return f"{unquoted_local_part(local_part)}@{domain}".lower()

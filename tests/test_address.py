@@ -1,10 +1,17 @@
-"""Parsing reverse and forward paths: the trailing dot of a domain name."""
+"""Parsing reverse and forward paths: the trailing dot of a domain name, and
+how a quoted local part is compared."""
 
 from __future__ import annotations
 
 import pytest
 
-from mailx.address import Address, AddressError, parse_forward_path, parse_reverse_path
+from mailx.address import (
+    Address,
+    AddressError,
+    parse_forward_path,
+    parse_reverse_path,
+    unquoted_local_part,
+)
 
 
 @pytest.mark.parametrize(
@@ -54,3 +61,22 @@ def test_other_stray_dots_are_still_refused(argument: str) -> None:
     with pytest.raises(AddressError) as raised:
         parse_reverse_path(argument, utf8=False)
     assert raised.value.reply.code == 553
+
+
+@pytest.mark.parametrize(
+    ("written", "compared"),
+    [
+        ('"alice"', "alice"),
+        ('"al\\ice"', "alice"),
+        ('"j.doe"', "j.doe"),
+        ('"al ice"', '"al ice"'),
+        ('"alice."', '"alice."'),
+        ('""', '""'),
+        ("alice", "alice"),
+        ('"ü"', "ü"),
+    ],
+)
+def test_a_needless_quoting_is_undone(written: str, compared: str) -> None:
+    """A quoted dot-string is compared as the dot-string; other quoted local
+    parts keep their quotes (RFC 5321 section 4.1.2)."""
+    assert unquoted_local_part(written) == compared
