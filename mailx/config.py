@@ -417,6 +417,37 @@ def _network(key: str, value: object) -> Network:
     return network
 
 
+def _networks(key: str, value: object) -> tuple[Network, ...]:
+    """Every entry checked alone, then the list checked as a whole."""
+    networks = _list_of(_network)(key, value)
+    # Entries that each cover part of an address family may together cover
+    # all of it (0.0.0.0/1 and 128.0.0.0/1): an open relay all the same.
+    ipv4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
+    ipv6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+    ipv4 += [_unmapped(n) for n in ipv6 if n.subnet_of(_IPV4_MAPPED)]
+    everything = [
+        family
+        for family, collapsed in (
+            ("IPv4", list(ipaddress.collapse_addresses(ipv4))),
+            ("IPv6", list(ipaddress.collapse_addresses(ipv6))),
+        )
+        if any(network.prefixlen == 0 for network in collapsed)
+    ]
+    if everything:
+        raise ConfigError(
+            f"{key}: the entries together cover every {everything[0]} address,"
+            " which would make mailx an open relay; list the networks of the"
+            " clients that may relay instead, such as '192.0.2.0/24'"
+        )
+    return networks
+
+
+def _unmapped(network: ipaddress.IPv6Network) -> ipaddress.IPv4Network:
+    """An IPv4-mapped IPv6 network (RFC 4291 section 2.5.5.2) as IPv4."""
+    low = int(network.network_address) & 0xFFFFFFFF
+    return ipaddress.IPv4Network((low, network.prefixlen - 96))
+
+
 def _refuse_zone_index(key: str, value: str) -> None:
     # RFC 4007 section 11: "fe80::1%eth0" names an interface of this host, and
     # mailx matches a client's address alone, on whichever interface it came.
@@ -571,7 +602,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Checker]]] = {
         },
     ),
     "tls": (TLSConfig, {"certificate": _optional_file, "key": _optional_file}),
-    "relay": (RelayConfig, {"networks": _list_of(_network)}),
+    "relay": (RelayConfig, {"networks": _networks}),
     "auth": (AuthConfig, {"users_file": _optional_file}),
     "queue": (
         QueueConfig,

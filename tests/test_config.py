@@ -323,6 +323,51 @@ def test_relay_network_of_everyone_is_refused(
     )
 
 
+@pytest.mark.parametrize(
+    ("entries", "family"),
+    [
+        ('"0.0.0.0/1", "128.0.0.0/1"', "IPv4"),
+        ('"0.0.0.0/1", "::ffff:128.0.0.0/97"', "IPv4"),
+        ('"::ffff:0.0.0.0/97", "::ffff:128.0.0.0/97"', "IPv4"),
+    ],
+)
+def test_relay_networks_that_together_cover_everyone_are_refused(
+    tmp_path: Path, entries: str, family: str
+) -> None:
+    """Entries that each cover part of a family but together all of it are
+    refused as an open relay too."""
+    message = refusal(tmp_path, f"[relay]\nnetworks = [{entries}]\n")
+
+    assert message == (
+        f"relay.networks: the entries together cover every {family} address,"
+        " which would make mailx an open relay; list the networks of the"
+        " clients that may relay instead, such as '192.0.2.0/24'"
+    )
+
+
+def test_ipv6_networks_that_together_cover_everyone_are_refused(
+    tmp_path: Path,
+) -> None:
+    """All of IPv6 in pieces, none of which covers the IPv4-mapped range
+    alone, is refused as an open relay."""
+    everything = ipaddress.IPv6Network("::/0")
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+    pieces = [*everything.address_exclude(mapped), *mapped.subnets(prefixlen_diff=1)]
+    entries = ", ".join(f'"{piece}"' for piece in pieces)
+    message = refusal(tmp_path, f"[relay]\nnetworks = [{entries}]\n")
+
+    assert message.startswith(
+        "relay.networks: the entries together cover every IPv4 address"
+    )
+
+
+def test_relay_networks_that_leave_some_out_are_taken(tmp_path: Path) -> None:
+    """Two halves less one address are not everyone: the list loads."""
+    path = tmp_path / "mailx.toml"
+    path.write_text('[relay]\nnetworks = ["0.0.0.0/1", "128.0.0.0/2", "::1"]\n')
+    assert len(load_config(str(path)).relay.networks) == 3
+
+
 def test_relay_network_refusal_says_what_is_wanted(tmp_path: Path) -> None:
     """A netmask or a zero-padded length is refused, saying to write the length."""
     message = refusal(tmp_path, '[relay]\nnetworks = ["127.0.0.0/255.0.0.0"]\n')
