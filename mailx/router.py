@@ -178,6 +178,13 @@ class Router:
         """
         local = [r for r in envelope.recipients if r.route in LOCAL_ROUTES]
         others = [r for r in envelope.recipients if r.route not in LOCAL_ROUTES]
+        # A local recipient with no Maildir now (its alias was removed by a
+        # reload since RCPT) goes to the spool, whose agent reports it as
+        # unknown to the sender: it is never dropped unsaid.
+        unknown = [r for r in local if not self.local.mailboxes_of(r)]
+        if unknown:
+            others += unknown
+            local = [r for r in local if r not in unknown]
         if others and self.queue is None:
             return replies.LOCAL_ERROR
 
@@ -192,7 +199,9 @@ class Router:
                     for index, r in enumerate(local)
                 }
             if failed and self.queue is None:
-                raise next(iter(failed.values()))[0][1]
+                raise next(
+                    problem for misses in failed.values() for _, problem in misses
+                )
             for index, misses in sorted(failed.items()):
                 recipient = local[index]
                 for _, problem in misses:

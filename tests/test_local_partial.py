@@ -27,6 +27,8 @@ MIN_RETRY = 300.0
 
 class Mailboxes:
     def resolve(self, address: Address) -> list[Mailbox] | None:
+        if address.local_part == "gone":
+            return None
         if address.local_part == "both":
             return [Mailbox(DOMAIN, "alice"), Mailbox(DOMAIN, "carol")]
         return [Mailbox(DOMAIN, address.local_part)]
@@ -182,3 +184,19 @@ def test_a_mailbox_recipient_cannot_leave_the_mail_root(tmp_path: Path) -> None:
     setup.spool.enqueue(envelope, CONTENT)
     assert not (tmp_path / "mail" / "new").exists()
     assert setup.queued() == []
+
+
+def test_a_recipient_whose_alias_went_away_is_reported_not_dropped(
+    tmp_path: Path,
+) -> None:
+    """A local recipient that resolves to no Maildir any more (its alias was
+    removed by a reload after RCPT) is queued and reported unknown to the
+    sender, never dropped without a word."""
+    setup = Setup(tmp_path)
+    gone = Address("gone", DOMAIN)
+    assert setup.receive(gone, ALICE).is_positive
+    assert setup.copies("alice") == 1
+    # The report to s@example.net is queued; the recipient itself is done.
+    (report_id,) = setup.queued()
+    report = setup.spool.store.load(report_id)
+    assert [r.address for r in report.recipients] == [Address("s", "example.net")]
