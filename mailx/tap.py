@@ -35,6 +35,7 @@ from mailx import auth
 from mailx import local as local_recipients
 from mailx.backup import backup_check_from_config
 from mailx.config import Config, ConfigError, load_config
+from mailx.files import open_regular_for_append
 from mailx.maillog import MailLogFile, maillog
 from mailx.maillog import router as maillog_router
 from mailx.outbound import agent_from_config
@@ -154,7 +155,7 @@ def _check_port_free(key: str, endpoint: str) -> None:
 
 def _check_writable_file(key: str, path: str) -> None:
     try:
-        with open(path, "a", encoding="utf-8"):
+        with open_regular_for_append(path):
             pass
     except OSError as error:
         raise ConfigError(f"{key}: cannot open {path!r}: {error.strerror}") from None
@@ -239,9 +240,16 @@ class MailxService(MultiService):
     def _close_mail_log(self, result: object) -> None:
         if self._mail_log_file is not None:
             maillog_router.destination = globalLogPublisher
-            if self._mail_log is not None:
-                self._mail_log.flush()
-            self._mail_log_file.close()
+            try:
+                if self._mail_log is not None:
+                    self._mail_log.flush()
+                self._mail_log_file.close()
+            except OSError as error:
+                # The old file is gone from under us; its last lines with it.
+                maillog.error(
+                    "mail log could not be closed cleanly: {error}",
+                    error=error.strerror or str(error),
+                )
             self._mail_log_file = None
             self._mail_log = None
 
@@ -279,7 +287,7 @@ class MailxService(MultiService):
         the old file, the error says why, and the next SIGHUP tries again.
         """
         try:
-            file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            file = open_regular_for_append(path)
         except OSError as error:
             maillog.error(
                 "mail log {path} cannot be reopened, writing on to the old file:"
@@ -294,7 +302,7 @@ class MailxService(MultiService):
 
     def _open_mail_log(self, path: str) -> None:
         """Send the mail log to its own file, instead of the twistd log."""
-        self._use_mail_log(open(path, "a", encoding="utf-8"))  # noqa: SIM115
+        self._use_mail_log(open_regular_for_append(path))
 
     def _use_mail_log(self, file: IO[str]) -> None:
         self._mail_log_file = file

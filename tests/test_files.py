@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailx.config import ConfigError, load_config
-from mailx.files import read_regular_file
+from mailx.files import open_regular_for_append, read_regular_file
 from mailx.local import LocalRecipients
 
 # A read that would wait for a FIFO's writer is given this long to show it.
@@ -71,3 +71,27 @@ def test_an_aliases_file_replaced_by_a_fifo_keeps_the_old_aliases(
     os.mkfifo(aliases)
     with pytest.raises(ConfigError, match="not a regular file"):
         recipients.reload_aliases()
+
+
+def test_the_mail_log_is_opened_to_append_and_created(tmp_path: Path) -> None:
+    """A missing mail log is created; an existing one is appended to."""
+    path = tmp_path / "mail.log"
+    with open_regular_for_append(str(path)) as log:
+        log.write("one\n")
+    with open_regular_for_append(str(path)) as log:
+        log.write("two\n")
+    assert path.read_text() == "one\ntwo\n"
+
+
+def test_a_fifo_as_the_mail_log_is_refused_even_with_a_reader(tmp_path: Path) -> None:
+    """A FIFO in the mail log's place is refused at once, reader or not."""
+    path = tmp_path / "mail.log"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(OSError, match="not a regular file"):
+            open_regular_for_append(str(path))
+    finally:
+        os.close(reader)
+    with pytest.raises(OSError, match="not a regular file"):
+        open_regular_for_append(str(path))

@@ -165,6 +165,16 @@ def test_a_second_server_on_the_same_queue_is_refused(
     assert mailx_server.process.poll() is None
 
 
+def test_a_fifo_as_the_mail_log_stops_the_start(tmp_path: Path) -> None:
+    """A FIFO where the mail log should be is refused at start, at once."""
+    port = free_port()
+    config = basic_config(port, extra='[log]\nmail_log = "mail.log"\n')
+    server = MailxProcess(tmp_path / "mx", config, port=port)
+    os.mkfifo(server.workdir / "mail.log")
+    output = server.run_refused()
+    assert "log.mail_log: cannot open 'mail.log': not a regular file" in output
+
+
 def test_unusable_paths_and_ports_stop_the_start(
     tmp_path: Path, mailx_server: MailxProcess
 ) -> None:
@@ -306,9 +316,13 @@ def test_sighup_reloads_the_aliases_file(tmp_path: Path) -> None:
     assert "aliases:2: target" in log.read_text()
 
 
-def test_a_mail_log_that_cannot_be_reopened_is_tried_again(tmp_path: Path) -> None:
-    """When SIGHUP cannot open the mail log anew, the lines go on into the old
-    file with the reason, the rest of the reload still happens, and the next
+@pytest.mark.parametrize("obstacle", ["directory", "fifo"])
+def test_a_mail_log_that_cannot_be_reopened_is_tried_again(
+    tmp_path: Path, obstacle: str
+) -> None:
+    """When SIGHUP cannot open the mail log anew (a directory, or a FIFO that
+    must not make it wait for a reader), the lines go on into the old file
+    with the reason, the rest of the reload still happens, and the next
     SIGHUP opens it."""
     port = free_port()
     config = basic_config(
@@ -331,12 +345,19 @@ def test_a_mail_log_that_cannot_be_reopened_is_tried_again(tmp_path: Path) -> No
     try:
         assert server.process is not None
         log.rename(rotated)
-        log.mkdir()  # in the way: the new file cannot be opened
+        # In the way: the new file cannot be opened.
+        if obstacle == "directory":
+            log.mkdir()
+        else:
+            os.mkfifo(log)
         os.kill(server.process.pid, signal.SIGHUP)
         wait_for(rotated, "mail log mail.log cannot be reopened")
         wait_for(rotated, "aliases reloaded from aliases")
 
-        log.rmdir()
+        if obstacle == "directory":
+            log.rmdir()
+        else:
+            log.unlink()
         os.kill(server.process.pid, signal.SIGHUP)
         wait_for(log, "mail log reopened")
         with smtplib.SMTP(server.address, server.port, timeout=30) as client:
