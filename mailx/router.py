@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 
 from mailx import maildir, replies
 from mailx.address import Address
@@ -34,6 +35,8 @@ from mailx.local import Mailbox as LocalMailbox
 from mailx.maillog import maillog
 from mailx.replies import Reply
 from mailx.spool import DeliveryAgent, RecipientResult
+
+log = Logger()
 
 DELIVERED = Reply(250, "2.0.0", "Delivered to Maildir")
 # Recipients whose copies go into Maildirs here.
@@ -204,14 +207,7 @@ class Router:
                 )
             for index, misses in sorted(failed.items()):
                 recipient = local[index]
-                for _, problem in misses:
-                    maillog.warn(
-                        "{message_id}: maildir write failed for <{recipient}>"
-                        " ({error}); queued for retry",
-                        message_id=envelope.message_id,
-                        recipient=str(recipient.address),
-                        error=str(problem),
-                    )
+                _log_missing(envelope.message_id, recipient, misses)
                 # Only what is missing goes to the spool: the Maildirs that
                 # were written are not written again.
                 others = others + _to_retry(
@@ -221,6 +217,19 @@ class Router:
             assert self.queue is not None
             await self.queue.enqueue(_with_recipients(envelope, others), content)
         return replies.OK
+
+
+def _log_missing(
+    message_id: str, recipient: Recipient, misses: list[tuple[Mailbox, OSError]]
+) -> None:
+    for _, problem in misses:
+        maillog.warn(
+            "{message_id}: maildir write failed for <{recipient}>"
+            " ({error}); queued for retry",
+            message_id=message_id,
+            recipient=str(recipient.address),
+            error=str(problem),
+        )
 
 
 def _to_retry(
@@ -253,17 +262,26 @@ def _with_recipients(envelope: Envelope, recipients: list[Recipient]) -> Envelop
 
 
 class LocalFirstAgent:
-    """The spool's ``DeliveryAgent``: local domains here, others outbound."""
+    """
+    The spool's ``DeliveryAgent``: local domains here, others outbound.
+
+    ``requeue`` (the spool's ``enqueue``, set once the spool exists) takes
+    the Maildirs still missing when some of a local recipient's copies were
+    written: they are queued as a message of their own, so that the retry
+    writes only those, and the recipient is done.
+    """
 
     def __init__(
         self,
         local: LocalStore,
         local_domains: Iterable[str],
         outbound: DeliveryAgent | None,
+        requeue: Callable[[Envelope, bytes], Deferred[str]] | None = None,
     ) -> None:
         self.local = local
         self.local_domains = frozenset(domain.lower() for domain in local_domains)
         self.outbound = outbound
+        self.requeue = requeue
 
     def deliver(
         self,
@@ -280,6 +298,17 @@ class LocalFirstAgent:
             return self.outbound.deliver(
                 reverse_path, domain, recipients, content, envelope
             )
+        return Deferred.fromCoroutine(
+            self._deliver_local(reverse_path, recipients, content, envelope)
+        )
+
+    async def _deliver_local(
+        self,
+        reverse_path: Address | None,
+        recipients: list[Address],
+        content: bytes,
+        envelope: Envelope,
+    ) -> list[RecipientResult]:
         # The envelope says how each recipient was queued (Route.MAILBOX: one
         # Maildir of an alias, not to be expanded again).
         routes = {r.address: r for r in envelope.recipients}
@@ -290,25 +319,48 @@ class LocalFirstAgent:
             for r in targets
             if r not in known
         ]
-        deferred = self.local.deliver(envelope.message_id, reverse_path, known, content)
+        try:
+            failed = await self.local.deliver(
+                envelope.message_id, reverse_path, known, content
+            )
+        except Exception:
+            log.failure(
+                "{message_id}: local delivery failed", message_id=envelope.message_id
+            )
+            failed = {index: [] for index in range(len(known))}
+        for index, recipient in enumerate(known):
+            misses = failed.get(index)
+            reply = DELIVERED
+            if misses is not None:
+                reply = await self._missing(recipient, misses, content, envelope)
+            results.append(RecipientResult(recipient.address, reply, "local"))
+        return results
 
-        def stored(
-            failed: dict[int, list[tuple[Mailbox, OSError]]],
-        ) -> list[RecipientResult]:
-            # A recipient that has its copies is done; only the others retry.
-            return results + [
-                RecipientResult(
-                    r.address,
-                    replies.STORAGE_FAILED if i in failed else DELIVERED,
-                    "local",
-                )
-                for i, r in enumerate(known)
-            ]
-
-        def failed(_: object) -> list[RecipientResult]:
-            return results + [
-                RecipientResult(r.address, replies.STORAGE_FAILED, "local")
-                for r in known
-            ]
-
-        return deferred.addCallbacks(stored, failed)
+    async def _missing(
+        self,
+        recipient: Recipient,
+        misses: list[tuple[Mailbox, OSError]],
+        content: bytes,
+        envelope: Envelope,
+    ) -> Reply:
+        """The outcome for a recipient some or all of whose copies failed."""
+        _log_missing(envelope.message_id, recipient, misses)
+        written = len(self.local.mailboxes_of(recipient)) - len(misses)
+        if not misses or written <= 0 or self.requeue is None:
+            # Nothing was written: the recipient is tried again whole.
+            return replies.STORAGE_FAILED
+        retry = _to_retry(
+            recipient, [box for box, _ in misses], self.local.mailboxes_of
+        )
+        rest = dataclasses.replace(envelope, recipients=retry, message_id="")
+        try:
+            queue_id = await self.requeue(rest, content)
+        except Exception:
+            log.failure(
+                "{message_id}: could not queue the missing copies",
+                message_id=envelope.message_id,
+            )
+            return replies.STORAGE_FAILED
+        return DELIVERED.with_text(
+            f"{DELIVERED.text}; {len(misses)} more queued as {queue_id}"
+        )

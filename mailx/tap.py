@@ -352,6 +352,7 @@ def build_service(
         control_socket=config.server.control_socket,
     )
     spool.setServiceParent(service)  # type: ignore[no-untyped-call]
+    agent.requeue = spool.enqueue
     router = Router(parts.store, spool)
 
     listeners = []

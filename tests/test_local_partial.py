@@ -54,6 +54,7 @@ class Setup:
             delay_warning=0,
             run_io=synchronous_io,
         )
+        agent.requeue = self.spool.enqueue
         self.spool.startService()
         self.router = Router(self.local, self.spool)
 
@@ -200,3 +201,29 @@ def test_a_recipient_whose_alias_went_away_is_reported_not_dropped(
     (report_id,) = setup.queued()
     report = setup.spool.store.load(report_id)
     assert [r.address for r in report.recipients] == [Address("s", "example.net")]
+
+
+def test_a_queued_alias_retries_only_its_missing_maildirs(tmp_path: Path) -> None:
+    """A spool message for an alias to two Maildirs (a report to a local
+    sender, say) whose one Maildir fails: the written one is done, the
+    missing one is queued alone and retried alone."""
+    setup = Setup(tmp_path)
+    setup.block("carol")
+    report = Envelope(
+        reverse_path=None,
+        recipients=[Recipient(BOTH, Route.LOCAL)],
+        message_id="",
+    )
+    setup.spool.enqueue(report, CONTENT)
+    assert setup.copies("alice") == 1
+    (left,) = setup.queued()
+    (waiting,) = setup.spool.store.load(left).recipients
+    assert (waiting.address, waiting.route) == (CAROL, Route.MAILBOX)
+
+    setup.retry()
+    setup.retry()
+    assert setup.copies("alice") == 1
+    setup.unblock("carol")
+    setup.retry()
+    assert (setup.copies("alice"), setup.copies("carol")) == (1, 1)
+    assert setup.queued() == []
