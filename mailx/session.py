@@ -134,8 +134,9 @@ class SessionConfig:
     tls_available: bool = False
     # Submission (RFC 6409): MAIL only after AUTH.
     require_auth: bool = False
-    # Add the Received header and count hops; not on the handoff from a
-    # worker process, which did both (mailx.workers).
+    # Add the Received header and count hops, and log the connection and the
+    # message as accepted; not on the handoff from a worker process, which
+    # did all of it for its client (mailx.workers).
     add_trace: bool = True
 
 
@@ -189,22 +190,24 @@ class Session:
     # -- The transport's side ---------------------------------------------
 
     def connection_made(self) -> None:
-        maillog.info(
-            "connect from [{client_address}]:{client_port}",
-            client_address=self.client.address,
-            client_port=self.client.port,
-        )
+        if self.config.add_trace:
+            maillog.info(
+                "connect from [{client_address}]:{client_port}",
+                client_address=self.client.address,
+                client_port=self.client.port,
+            )
         self._reply(replies.greeting(self.config.hostname))
         self._flush()
 
     def connection_lost(self) -> None:
         self.mode = Mode.CLOSED
         self._lost = True
-        maillog.info(
-            "disconnect from [{client_address}]:{client_port}",
-            client_address=self.client.address,
-            client_port=self.client.port,
-        )
+        if self.config.add_trace:
+            maillog.info(
+                "disconnect from [{client_address}]:{client_port}",
+                client_address=self.client.address,
+                client_port=self.client.port,
+            )
 
     def tls_started(self) -> None:
         """The handshake finished: RFC 3207 section 4.2, start over."""
@@ -810,8 +813,10 @@ class Session:
         self._wait()
 
         def stored(reply: Reply) -> None:
-            if reply.is_positive:
-                # A worker's hand-off names the client the worker served.
+            if reply.is_positive and not trace:
+                # A worker's hand-off: the worker logs it as accepted.
+                reply = reply.with_text(f"{reply.text} queued as {envelope.message_id}")
+            elif reply.is_positive:
                 client = envelope.client or self.client
                 maillog.info(
                     "{message_id}: accepted from=<{sender}> nrcpt={nrcpt} "

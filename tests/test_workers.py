@@ -239,3 +239,8 @@ def test_a_maildir_that_fails_costs_the_others_no_second_copy(
         server.stop()
     assert len(server.messages("example.org", "alice")) == 1
     assert len(server.messages("example.org", "bob")) == 1
+    # One account of the message, the worker's: the handoff itself is not a
+    # second client with a second "accepted" line.
+    log = server.log()
+    assert "from []:0" not in log and "client=[127.0.0.1]:0" not in log
+    assert len(re.findall(r": accepted from=<s@example\.net> nrcpt=2 ", log)) == 1
