@@ -146,17 +146,20 @@ class LocalStore:
         def settled(errors: JobErrors) -> dict[int, list[tuple[Mailbox, OSError]]]:
             failed: dict[int, list[tuple[Mailbox, OSError]]] = {}
             for path, error in zip(paths, errors, strict=True):
-                mailbox, named, indices = targets[path]
+                mailbox, _, indices = targets[path]
                 if error is not None:
                     for index in indices:
                         failed.setdefault(index, []).append((mailbox, error))
                     continue
-                maillog.info(
-                    "{message_id}: delivered to=<{recipient}> maildir={maildir}",
-                    message_id=message_id,
-                    recipient=str(named),
-                    maildir=path,
-                )
+                # A line for every recipient the copy is for, not only the
+                # one its Delivered-To field names.
+                for index in indices:
+                    maillog.info(
+                        "{message_id}: delivered to=<{recipient}> maildir={maildir}",
+                        message_id=message_id,
+                        recipient=str(recipients[index].address),
+                        maildir=path,
+                    )
             return failed
 
         return deferred.addCallback(settled)

@@ -6,8 +6,10 @@ the others get their copy once, and only the one that failed is retried.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from mailx.address import Address
 from mailx.envelope import ClientInfo, Envelope, Recipient, Route
@@ -227,3 +229,27 @@ def test_a_queued_alias_retries_only_its_missing_maildirs(tmp_path: Path) -> Non
     setup.retry()
     assert (setup.copies("alice"), setup.copies("carol")) == (1, 1)
     assert setup.queued() == []
+
+
+def test_every_recipient_of_a_shared_copy_is_logged(tmp_path: Path) -> None:
+    """alice and the alias "both" share alice's copy: one file, but a
+    delivered line for each recipient, and one for carol's copy."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        setup = Setup(tmp_path)
+        assert setup.receive(ALICE, BOTH).is_positive
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    lines = [formatEvent(e) for e in events if "delivered to=" in str(e["log_format"])]
+    alice = setup.root / DOMAIN / "alice"
+    carol = setup.root / DOMAIN / "carol"
+    assert sorted(line.split(": ", 1)[1] for line in lines) == sorted(
+        [
+            f"delivered to=<alice@example.org> maildir={alice}",
+            f"delivered to=<both@example.org> maildir={alice}",
+            f"delivered to=<both@example.org> maildir={carol}",
+        ]
+    )
+    assert setup.copies("alice") == setup.copies("carol") == 1
