@@ -441,7 +441,7 @@ class Session:
             self._error(replies.NESTED_MAIL)
             return
         if self.config.require_auth and self.client.authenticated_as is None:
-            written = _written_path(argument)
+            written = _written_path(argument, "FROM:")
             self._log_reject("MAIL", replies.AUTH_REQUIRED, written, [])
             self._error(replies.AUTH_REQUIRED)
             return
@@ -453,6 +453,8 @@ class Session:
             parsed = parse_reverse_path(path, utf8=False)
             envelope = self._envelope_from(parsed.address, parsed.parameters)
         except AddressError as error:
+            written = _written_path(argument, "FROM:")
+            self._log_reject("MAIL", error.reply, written, [])
             self._error(error.reply)
             return
         if not self.client.esmtp and parsed.parameters:
@@ -527,12 +529,21 @@ class Session:
             parsed = parse_forward_path(path, utf8=envelope.smtputf8)
             notify, orcpt = _dsn_parameters(parsed.parameters)
         except AddressError as error:
+            # Logged, so that a client probing with odd paths is seen.
+            written = _written_path(argument, "TO:")
+            self._log_reject("RCPT", error.reply, envelope.reverse_path, written)
             self._error(error.reply)
             return
         forward_path = parsed.address
         assert forward_path is not None
         # RFC 5321 section 4.5.3.1.8: at least 100 recipients; 452 beyond.
         if len(envelope.recipients) >= self.config.max_recipients:
+            self._log_reject(
+                "RCPT",
+                replies.TOO_MANY_RECIPIENTS,
+                envelope.reverse_path,
+                [forward_path],
+            )
             self._reply(replies.TOO_MANY_RECIPIENTS)
             return
 
@@ -874,9 +885,9 @@ class Session:
         command: str,
         reply: Reply,
         reverse_path: Address | str | None,
-        forward_paths: list[Address],
+        forward_paths: list[Address] | str,
     ) -> None:
-        """``reverse_path`` as text: as the client wrote it, not parsed."""
+        """A path given as text is logged as the client wrote it, unparsed."""
         if isinstance(reverse_path, str):
             sender = reverse_path
         else:
@@ -888,7 +899,9 @@ class Session:
             client_address=self.client.address,
             reply=str(reply),
             sender=sender,
-            recipient=">,<".join(str(path) for path in forward_paths),
+            recipient=forward_paths
+            if isinstance(forward_paths, str)
+            else ">,<".join(str(path) for path in forward_paths),
         )
 
 
@@ -907,12 +920,12 @@ def _take_over_trace(envelope: Envelope, content: bytes) -> None:
     envelope.client = ClientInfo(address=address, port=0, helo=helo, listener="worker")
 
 
-def _written_path(argument: str) -> str:
+def _written_path(argument: str, keyword: str) -> str:
     """
-    The reverse path of a MAIL argument as written, without its brackets and
-    parameters: what the log names when MAIL is refused before parsing.
+    The path of a MAIL or RCPT argument as written, without its brackets and
+    parameters: what the log names when a path is refused unparsed.
     """
-    path = (_argument_after(argument, "FROM:") or "").split(" ", 1)[0]
+    path = (_argument_after(argument, keyword) or "").split(" ", 1)[0]
     return path.removeprefix("<").removesuffix(">")
 
 

@@ -669,3 +669,56 @@ def test_a_mail_refused_for_want_of_auth_is_logged_with_its_sender(
     assert output.replies()[-1].startswith("530 5.7.0 ")
     (event,) = [e for e in events if "reject" in str(e.get("log_format"))]
     assert formatEvent(event).endswith(f"{logged} to=<>")
+
+
+@pytest.mark.parametrize(
+    ("commands", "logged"),
+    [
+        (
+            b"MAIL FROM:<s@example.net>\r\nRCPT TO:<x@remote.test@example.com>",
+            "reject: RCPT from [192.0.2.7]: 553 5.1.3 ",
+        ),
+        (
+            b"MAIL FROM:<s@example.net>\r\nRCPT TO:<@example.com:x@remote.test",
+            "reject: RCPT from [192.0.2.7]: 5",
+        ),
+        (b"MAIL FROM:<a@b@c>", "reject: MAIL from [192.0.2.7]: 553 "),
+    ],
+)
+def test_a_path_refused_unparsed_is_logged_as_written(
+    commands: bytes, logged: str
+) -> None:
+    """A forward or reverse path refused for its syntax gets a reject line,
+    with the path as the client wrote it, so that probing is seen."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        session, output, _, _ = make_session()
+        feed(session, b"EHLO c\r\n" + commands + b"\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert output.codes()[-1] >= 500
+    (line,) = [formatEvent(e) for e in events if "reject" in str(e["log_format"])]
+    assert line.startswith(logged)
+    written = commands.rsplit(b":", 1)[-1] if b"RCPT" in commands else b"a@b@c"
+    assert written.decode().strip("<>") in line
+
+
+def test_one_recipient_too_many_is_logged() -> None:
+    """452 for the recipient over the limit is logged as a refusal too."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        session, output, _, _ = make_session(max_recipients=1)
+        feed(
+            session,
+            b"EHLO c\r\nMAIL FROM:<s@example.net>\r\n"
+            b"RCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n",
+        )
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert output.codes()[-1] == 452
+    (line,) = [formatEvent(e) for e in events if "reject" in str(e["log_format"])]
+    assert line.endswith("from=<s@example.net> to=<bob@example.org>")
