@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from mailx.config import ConfigError, load_config
-from mailx.control import ControlUnavailable, send_command
+from mailx.control import OK, UNCHANGED, ControlUnavailable, send_command
 from mailx.dsn import split_headers
 from mailx.queue import QueuedMessage
 from mailx.spool import QUEUE_ID, SpoolStore
@@ -130,17 +130,20 @@ class QueueTool:
                 continue
         return messages
 
-    def _ask_server(self, command: str) -> bool:
-        """Send a command to the running server; False if none is running."""
+    def _ask_server(self, command: str) -> str | None:
+        """
+        Send a command to the running server; its answer, "ok" or "ok
+        unchanged", or None if no server is running.
+        """
         try:
             answer = send_command(self.control_socket, command)
         except ControlUnavailable:
-            return False
+            return None
         except OSError as error:
             raise CommandError(f"server did not answer: {error}", EX_TEMPFAIL) from None
-        if answer != "ok":
+        if answer not in (OK, UNCHANGED):
             raise CommandError(answer.removeprefix("error ") or "no answer")
-        return True
+        return answer
 
     def list(self) -> None:
         self._print(format_list(self._messages()))
@@ -158,7 +161,7 @@ class QueueTool:
         if message_id is not None:
             self._load(message_id)
         command = "flush" if message_id is None else f"flush {message_id}"
-        if self._ask_server(command):
+        if self._ask_server(command) is not None:
             return
         # No server: make the messages due, so the next start tries them.
         ids = self.store.ids() if message_id is None else [message_id]
@@ -181,24 +184,28 @@ class QueueTool:
 
     def delete(self, message_id: str) -> None:
         self._load(message_id)
-        if not self._ask_server(f"delete {message_id}"):
+        if self._ask_server(f"delete {message_id}") is None:
             self.store.remove(message_id)
         print(f"{message_id}: deleted", file=self.out)
 
     def hold(self, message_id: str, hold: bool) -> None:
-        self._load(message_id)
+        message = self._load(message_id)
         verb = "hold" if hold else "release"
-        done = "placed on hold" if hold else "released"
-        if self._ask_server(f"{verb} {message_id}"):
-            print(f"{message_id}: {done}", file=self.out)
-            return
+        answer = self._ask_server(f"{verb} {message_id}")
+        if answer is None:
+            answer = UNCHANGED if message.hold == hold else OK
 
-        def change(message: QueuedMessage) -> None:
-            message.hold = hold
-            if not hold:
-                message.next_attempt = 0.0
+            def change(message: QueuedMessage) -> None:
+                message.hold = hold
+                if not hold:
+                    message.next_attempt = 0.0
 
-        self._change(message_id, change)
+            if answer == OK:
+                self._change(message_id, change)
+        if answer == UNCHANGED:
+            done = "was on hold already" if hold else "was not on hold"
+        else:
+            done = "placed on hold" if hold else "released"
         print(f"{message_id}: {done}", file=self.out)
 
 

@@ -7,8 +7,8 @@ One command per line, one answer per line::
     flush            -> ok
     flush ID         -> ok | error ...
     delete ID        -> ok | error ...
-    hold ID          -> ok | error ...
-    release ID       -> ok | error ...
+    hold ID          -> ok | ok unchanged | error ...
+    release ID       -> ok | ok unchanged | error ...
 
 The server side is a Twisted protocol; the client side is a few blocking
 socket calls, because the command-line tool has no reactor.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
@@ -35,6 +35,7 @@ MAX_COMMAND = 256
 DEFAULT_TIMEOUT = 60.0
 
 OK = "ok"
+UNCHANGED = "ok unchanged"
 
 
 class ControlTarget(Protocol):
@@ -42,9 +43,9 @@ class ControlTarget(Protocol):
 
     def flush(self, message_id: str | None = None) -> None: ...
 
-    def hold(self, message_id: str) -> Deferred[None]: ...
+    def hold(self, message_id: str) -> Deferred[bool]: ...
 
-    def release(self, message_id: str) -> Deferred[None]: ...
+    def release(self, message_id: str) -> Deferred[bool]: ...
 
     def delete(self, message_id: str) -> Deferred[None]: ...
 
@@ -80,7 +81,7 @@ class ControlProtocol(LineOnlyReceiver):
 
         verb, _, message_id = text.partition(" ")
         message_id = message_id.strip()
-        actions: dict[str, Callable[[str], Deferred[None] | None]] = {
+        actions: dict[str, Callable[[str], Deferred[Any] | None]] = {
             "flush": self._target.flush,
             "delete": self._target.delete,
             "hold": self._target.hold,
@@ -97,8 +98,9 @@ class ControlProtocol(LineOnlyReceiver):
 
         try:
             ran = action(message_id)
-            if ran is not None:
-                await ran
+            if ran is not None and await ran is False:
+                # hold of a held message, release of one not held.
+                return UNCHANGED
         except MessageGone:
             return (
                 f"error message {message_id} left the queue during the delivery"

@@ -1028,12 +1028,18 @@ class Spool(Service):
                 self._flushed_in_flight.add(message_id)
         self._run_due()
 
-    def hold(self, message_id: str) -> Deferred[None]:
-        """Keep a message from delivery until it is released."""
+    def hold(self, message_id: str) -> Deferred[bool]:
+        """
+        Keep a message from delivery until it is released; fire with False
+        when it was held already.
+        """
         return self._set_hold(message_id, True)
 
-    def release(self, message_id: str) -> Deferred[None]:
-        """Let a held message go, with an attempt at once."""
+    def release(self, message_id: str) -> Deferred[bool]:
+        """
+        Let a held message go, with an attempt at once; fire with False when
+        it was not held.
+        """
         return self._set_hold(message_id, False)
 
     def _known_after_wait(self, message_id: str, was_in_flight: bool) -> None:
@@ -1042,14 +1048,14 @@ class Spool(Service):
             raise MessageGone(message_id)
         self._known(message_id)
 
-    def _set_hold(self, message_id: str, hold: bool) -> Deferred[None]:
+    def _set_hold(self, message_id: str, hold: bool) -> Deferred[bool]:
         was_in_flight = message_id in self._in_flight
 
-        async def change() -> None:
+        async def change() -> bool:
             self._known_after_wait(message_id, was_in_flight)
             if self.schedule.is_held(message_id) == hold:
                 # Held already, or not held: nothing to write or to log.
-                return
+                return False
             # The envelope on disk is the one to change from now on.
             self._take_fresh(message_id)
             message = await self._run_io(lambda: self.store.load(message_id))
@@ -1061,6 +1067,7 @@ class Spool(Service):
             event = "held" if hold else "released"
             maillog.info(event + " {message_id}", message_id=message_id)
             self._run_due()
+            return True
 
         return self._locked(message_id, lambda: Deferred.fromCoroutine(change()))
 

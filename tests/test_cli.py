@@ -210,6 +210,10 @@ def test_hold_and_release_without_server(tmp_path: Path) -> None:
 
     assert run("queue", "release", message_id, "--config", config)[0] == EX_OK
     assert not store.load(message_id).hold
+    assert run("queue", "release", message_id, "--config", config) == (
+        EX_OK,
+        f"{message_id}: was not on hold\n",
+    )
 
 
 def test_flush_without_server_makes_messages_due(tmp_path: Path) -> None:
@@ -279,6 +283,10 @@ class ControlChannelTests(unittest.TestCase):
         )
         assert self.spool.schedule.is_held(message_id)
         assert self.spool.store.load(message_id).hold
+        assert await self._cli("queue", "hold", message_id) == (
+            EX_OK,
+            f"{message_id}: was on hold already\n",
+        )
         status, _ = await self._cli("queue", "flush", message_id)
         assert status == EX_DATAERR
 
@@ -314,10 +322,10 @@ class GoneTarget:
     def flush(self, message_id: str | None = None) -> None:
         pass
 
-    def hold(self, message_id: str) -> Deferred[None]:
+    def hold(self, message_id: str) -> Deferred[bool]:
         return fail(MessageGone(message_id))
 
-    def release(self, message_id: str) -> Deferred[None]:
+    def release(self, message_id: str) -> Deferred[bool]:
         return fail(UnknownMessage(message_id))
 
     def delete(self, message_id: str) -> Deferred[None]:
