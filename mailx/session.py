@@ -767,16 +767,19 @@ class Session:
         def answered(authenticated: str | None) -> None:
             if authenticated is None:
                 maillog.info(
-                    "auth failed from [{client_address}] mechanism={mechanism}",
+                    "auth failed from [{client_address}]:{client_port}"
+                    " mechanism={mechanism}",
                     client_address=self.client.address,
+                    client_port=self.client.port,
                     mechanism=self._auth_mechanism,
                 )
                 self._error(replies.AUTH_FAILED)
                 return
             self.client.authenticated_as = authenticated
             maillog.info(
-                "auth ok from [{client_address}] user={user}",
+                "auth ok from [{client_address}]:{client_port} user={user}",
                 client_address=self.client.address,
+                client_port=self.client.port,
                 user=authenticated,
             )
             self._reply(replies.AUTH_OK)
@@ -893,10 +896,11 @@ class Session:
         else:
             sender = _path_text(reverse_path)
         maillog.info(
-            "reject: {command} from [{client_address}]: {reply}; "
+            "reject: {command} from [{client_address}]:{client_port}: {reply}; "
             "from=<{sender}> to=<{recipient}>",
             command=command,
             client_address=self.client.address,
+            client_port=self.client.port,
             reply=str(reply),
             sender=sender,
             recipient=forward_paths

@@ -12,6 +12,7 @@ spool and nothing asks the machine's resolver.
 from __future__ import annotations
 
 import base64
+import re
 import signal
 import smtplib
 import ssl
@@ -220,7 +221,8 @@ def test_claims_do_not_make_a_client_trusted(exchanger: Exchanger) -> None:
         assert client.mail("alice@example.org")[0] == 250
         code, text = client.rcpt("someone@other.example")
     assert (code, text) == (554, b"5.7.1 Relay access denied")
-    log = exchanger.wait_for_log("reject: RCPT from [127.0.0.9]: 554")
+    log = exchanger.wait_for_log("reject: RCPT from [127.0.0.9]:")
+    assert re.search(r"reject: RCPT from \[127\.0\.0\.9\]:\d+: 554 5\.7\.1 ", log)
     assert "to=<someone@other.example>" in log
 
 
@@ -296,7 +298,7 @@ def test_starttls_auth_then_relay(exchanger: Exchanger, mechanism: str) -> None:
     assert refused == {}
     assert any(body.split(b"\r\n")[-2] in c for c in exchanger.queued_contents())
     log = exchanger.process.log()
-    assert "auth ok from [127.0.0.9] user=alice" in log
+    assert re.search(r"auth ok from \[127\.0\.0\.9\]:\d+ user=alice", log)
     assert ALICE_PASSWORD not in log
 
 

@@ -676,13 +676,13 @@ def test_a_mail_refused_for_want_of_auth_is_logged_with_its_sender(
     [
         (
             b"MAIL FROM:<s@example.net>\r\nRCPT TO:<x@remote.test@example.com>",
-            "reject: RCPT from [192.0.2.7]: 553 5.1.3 ",
+            "reject: RCPT from [192.0.2.7]:40000: 553 5.1.3 ",
         ),
         (
             b"MAIL FROM:<s@example.net>\r\nRCPT TO:<@example.com:x@remote.test",
-            "reject: RCPT from [192.0.2.7]: 5",
+            "reject: RCPT from [192.0.2.7]:40000: 5",
         ),
-        (b"MAIL FROM:<a@b@c>", "reject: MAIL from [192.0.2.7]: 553 "),
+        (b"MAIL FROM:<a@b@c>", "reject: MAIL from [192.0.2.7]:40000: 553 "),
     ],
 )
 def test_a_path_refused_unparsed_is_logged_as_written(
