@@ -205,6 +205,11 @@ class LocalRecipients:
             aliases = load_aliases(self.aliases_path, self.domains)
         self._expanded, self._catch_all = _expand_all(aliases, self.domains)
 
+    @property
+    def alias_count(self) -> int:
+        """The addresses and catch-alls the aliases file expands."""
+        return len(self._expanded) + len(self._catch_all)
+
     def resolve(self, address: Address) -> list[Mailbox] | None:
         """The mailboxes ``address`` delivers to, or None for no such user."""
         name = self._local_name(address)

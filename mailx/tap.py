@@ -452,7 +452,9 @@ class _Parts:
                 )
             else:
                 maillog.info(
-                    "aliases reloaded from {path}", path=self.mailboxes.aliases_path
+                    "aliases reloaded from {path}: {count} addresses",
+                    path=self.mailboxes.aliases_path,
+                    count=self.mailboxes.alias_count,
                 )
         path = self.config.auth.users_file
         if not path:
