@@ -745,6 +745,18 @@ def _parse_extensions(reply: Reply) -> dict[str, str]:
     return extensions
 
 
+def nothing_taken(outcome: SessionOutcome, last_reply: Reply | None) -> bool:
+    """
+    True when a transaction over a kept connection ended before the next hop
+    answered any recipient: the connection closed first, or it answered 421
+    (RFC 5321 section 3.8: the server is closing the channel).  The
+    transaction may then go over another connection without a duplicate.
+    """
+    if outcome.failure is None or outcome.replies:
+        return False
+    return last_reply is None or last_reply.code == 421
+
+
 class Scheduler(TypingProtocol):
     """The part of IReactorTime the adapter uses."""
 

@@ -54,6 +54,7 @@ from mailx.client import (
     Timeouts,
     TLSMode,
     Transaction,
+    nothing_taken,
 )
 from mailx.config import Config
 from mailx.envelope import Envelope
@@ -327,7 +328,7 @@ class OutboundAgent:
         """The outcome over a kept connection; None if none was usable."""
         while (kept := self._take_idle(key)) is not None:
             outcome = await kept.protocol.start_next(transaction)
-            if _not_taken(outcome, kept.protocol.session.last_reply):
+            if nothing_taken(outcome, kept.protocol.session.last_reply):
                 # Closed while idle, or closing at this transaction's first
                 # command (a limit of messages per connection): the next hop
                 # took nothing of it, so it goes over another connection.
@@ -582,17 +583,6 @@ def _walk_failure(failures: list[Reply]) -> Reply:
     if transient:
         return transient[-1]
     return failures[-1]
-
-
-def _not_taken(outcome: SessionOutcome, last_reply: Reply | None) -> bool:
-    """
-    True when a transaction over a kept connection ended before the next hop
-    answered any recipient: the connection closed first, or it answered 421
-    (RFC 5321 section 3.8: the server is closing the channel).
-    """
-    if outcome.failure is None or outcome.replies:
-        return False
-    return last_reply is None or last_reply.code == 421
 
 
 def _connect_error_words(reason: Exception) -> str:

@@ -10,8 +10,9 @@ them over its smtpd processes.
 A worker runs whole SMTP sessions and writes local mail into the Maildirs
 itself.  Mail it must pass on (relay, backup MX) it hands to the main
 process over SMTP on a UNIX socket (the *handoff* listener, next to the
-control socket) and says 250 to its client only after the main process has
-said 250, that is after the message is durable in the one spool.  The main
+control socket), on connections it keeps open from one message to the next,
+and says 250 to its client only after the main process has said 250, that
+is after the message is durable in the one spool.  The main
 process alone runs the spool, its retries and the queue commands, so
 ``mailx queue`` sees one queue.
 
@@ -40,16 +41,21 @@ from twisted.python.failure import Failure
 from mailx import replies
 from mailx.client import (
     ClientSession,
+    SessionOutcome,
     SMTPClientProtocol,
     Timeouts,
     TLSMode,
     Transaction,
+    nothing_taken,
 )
 from mailx.envelope import Envelope
 from mailx.replies import Reply, ReplyError
 
 log = Logger()
 
+# Idle connections a worker keeps to the main process's handoff listener,
+# which closes them after its idle timeout.
+MAX_KEPT = 8
 # A worker that exits is started again after this many seconds.
 RESTART_DELAY = 1.0
 # SIGTERM first; a worker still running after this long gets SIGKILL.
@@ -62,13 +68,18 @@ def handoff_path(control_socket: str) -> str:
 
 
 class HandoffQueue:
-    """A worker's queue: the main process's spool, reached over SMTP."""
+    """
+    A worker's queue: the main process's spool, reached over SMTP.  A
+    connection that took a message stays open for the next (at most
+    ``MAX_KEPT`` of them), as outbound connections do (mailx.outbound).
+    """
 
     def __init__(self, reactor: Any, path: str, hostname: str) -> None:
         self.reactor = reactor
         self.path = path
         self.hostname = hostname
         self.timeouts = Timeouts(connect=30, greeting=60, mail=60, rcpt=60)
+        self._kept: list[SMTPClientProtocol] = []
 
     def enqueue(self, envelope: Envelope, content: bytes) -> Deferred[str]:
         return Deferred.fromCoroutine(self._hand_off(envelope, content))
@@ -86,7 +97,32 @@ class HandoffQueue:
             notify=[r.notify for r in recipients],
             orcpt=[r.orcpt for r in recipients],
         )
-        session = ClientSession(self.hostname, transaction, tls_mode=TLSMode.NONE)
+        outcome = await self._over_kept(transaction)
+        if outcome is None:
+            outcome = await self._over_new(transaction)
+        for index in range(len(recipients)):
+            reply = outcome.replies.get(index, outcome.failure)
+            if reply is None or not reply.is_positive:
+                raise ReplyError(reply or replies.LOCAL_ERROR)
+        return envelope.message_id
+
+    async def _over_kept(self, transaction: Transaction) -> SessionOutcome | None:
+        """The outcome over a kept connection; None if none took it."""
+        while self._kept:
+            protocol = self._kept.pop()
+            if not protocol.idle:
+                continue
+            outcome = await protocol.start_next(transaction)
+            if nothing_taken(outcome, protocol.session.last_reply):
+                continue
+            self._keep(protocol)
+            return outcome
+        return None
+
+    async def _over_new(self, transaction: Transaction) -> SessionOutcome:
+        session = ClientSession(
+            self.hostname, transaction, tls_mode=TLSMode.NONE, reuse=True
+        )
         protocol = SMTPClientProtocol(session, self.reactor, self.timeouts)
         endpoint = UNIXClientEndpoint(self.reactor, self.path, timeout=30)
         try:
@@ -95,11 +131,16 @@ class HandoffQueue:
             log.error("handoff to the main process failed: {error}", error=error)
             raise ReplyError(replies.LOCAL_ERROR) from error
         outcome = await protocol.done
-        for index in range(len(recipients)):
-            reply = outcome.replies.get(index, outcome.failure)
-            if reply is None or not reply.is_positive:
-                raise ReplyError(reply or replies.LOCAL_ERROR)
-        return envelope.message_id
+        self._keep(protocol)
+        return outcome
+
+    def _keep(self, protocol: SMTPClientProtocol) -> None:
+        if not protocol.idle:
+            return
+        if len(self._kept) >= MAX_KEPT:
+            protocol.close()
+            return
+        self._kept.append(protocol)
 
 
 class _Once(Factory):

@@ -11,49 +11,22 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.failure import Failure
+from twisted.internet.testing import MemoryReactorClock
 
 from mailx.address import Address
 from mailx.envelope import Envelope, Recipient, Route
 from mailx.outbound import CONNECTION_IDLE_TIME, SHUTDOWN_QUIT_WAIT, OutboundAgent
 from mailx.spool import RecipientResult
+from tests.fakepeer import EHLO, ENVELOPE_OK, GREETING, QUEUED, Connection
 
 NEXT_HOP = ("192.0.2.25", 2525)
 CONTENT = b"Subject: reuse\r\n\r\nHello.\r\n"
-GREETING = b"220 next.test ESMTP\r\n"
-EHLO = b"250-next.test\r\n250 PIPELINING\r\n"
-ENVELOPE_OK = b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n"
-QUEUED = b"250 2.0.0 queued\r\n"
 
 
-class Connection:
-    """One fake TCP connection the agent opened: its protocol and transport."""
-
-    def __init__(self, reactor: MemoryReactorClock, index: int) -> None:
-        host, port, factory, _, _ = reactor.tcpClients[index]
-        address = IPv4Address("TCP", host, port)
-        protocol = factory.buildProtocol(address)
-        assert protocol is not None
-        self.protocol: Any = protocol
-        self.transport = StringTransport()
-        protocol.makeConnection(self.transport)
-
-    def reply(self, data: bytes) -> None:
-        """Octets from the next hop; the content is drained on 354."""
-        self.protocol.dataReceived(data)
-        while self.transport.producer is not None:
-            self.transport.producer.resumeProducing()
-
-    def sent(self) -> bytes:
-        data: bytes = self.transport.value()
-        self.transport.clear()
-        return data
-
-    def close(self) -> None:
-        """The connection ends."""
-        self.protocol.connectionLost(Failure(ConnectionDone()))
+def opened(reactor: MemoryReactorClock, index: int) -> Connection:
+    """The fake TCP connection the agent opened, by its index."""
+    host, port, factory, _, _ = reactor.tcpClients[index]
+    return Connection(factory, IPv4Address("TCP", host, port))
 
 
 def make_agent(reactor: MemoryReactorClock) -> OutboundAgent:
@@ -85,7 +58,7 @@ def codes(results: list[RecipientResult]) -> list[int]:
 
 def first_delivery(reactor: MemoryReactorClock, agent: OutboundAgent) -> Connection:
     results = deliver(agent, "M1")
-    connection = Connection(reactor, 0)
+    connection = opened(reactor, 0)
     connection.reply(GREETING + EHLO + ENVELOPE_OK)
     connection.reply(QUEUED)
     assert codes(results) == [250]
@@ -141,7 +114,7 @@ def test_a_dead_kept_connection_is_replaced() -> None:
     results = deliver(agent, "M2")
     stale.close()
     assert results == []
-    fresh = Connection(reactor, 1)
+    fresh = opened(reactor, 1)
     fresh.reply(GREETING + EHLO + ENVELOPE_OK)
     fresh.reply(QUEUED)
 
@@ -154,7 +127,7 @@ def test_a_refused_message_ends_the_connection() -> None:
     reactor = MemoryReactorClock()
     agent = make_agent(reactor)
     results = deliver(agent, "M1")
-    connection = Connection(reactor, 0)
+    connection = opened(reactor, 0)
     connection.reply(GREETING + EHLO + ENVELOPE_OK)
     connection.reply(b"554 5.6.0 refused\r\n")
     assert connection.sent().endswith(b"QUIT\r\n")
@@ -193,7 +166,7 @@ def test_a_421_to_mail_on_a_kept_connection_goes_to_a_new_one() -> None:
     kept.reply(b"421 4.7.0 too many messages in this session\r\n")
     kept.close()
     assert results == []
-    fresh = Connection(reactor, 1)
+    fresh = opened(reactor, 1)
     fresh.reply(GREETING + EHLO + ENVELOPE_OK)
     fresh.reply(QUEUED)
 
@@ -206,7 +179,7 @@ def test_a_421_to_mail_on_a_new_connection_is_the_outcome() -> None:
     reactor = MemoryReactorClock()
     agent = make_agent(reactor)
     results = deliver(agent, "M1")
-    connection = Connection(reactor, 0)
+    connection = opened(reactor, 0)
     connection.reply(GREETING + EHLO + b"421 4.7.0 too many messages\r\n")
     connection.close()
 
