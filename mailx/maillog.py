@@ -38,7 +38,31 @@ class MailLogRouter:
         self.destination: ILogObserver = globalLogPublisher
 
     def __call__(self, event: LogEvent) -> None:
-        self.destination(event)
+        self.destination(_printable_fields(event))
+
+
+def _printable_fields(event: LogEvent) -> LogEvent:
+    """
+    The event with control characters in its text fields shown as "?": the
+    fields carry what clients sent (paths, HELO names, user names), and an
+    escape sequence must not reach an operator's terminal through the log.
+    """
+    unsafe = [
+        key
+        for key, value in event.items()
+        if isinstance(value, str) and not value.isprintable() and key[:4] != "log_"
+    ]
+    if not unsafe:
+        return event
+    cleaned = dict(event)
+    for key in unsafe:
+        cleaned[key] = printable(cleaned[key])
+    return cleaned
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character replaced by "?"."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 router = MailLogRouter()

@@ -67,7 +67,7 @@ from mailx.envelope import (
     RecipientDecision,
 )
 from mailx.ids import new_message_id
-from mailx.maillog import maillog
+from mailx.maillog import maillog, printable
 from mailx.replies import Reply
 from mailx.text import Chunks, DataReader, check_text
 
@@ -868,7 +868,7 @@ class Session:
             protocol += "A"
         literal = _address_literal(self.client.address)
         lines = [
-            f"Received: from {self.client.helo} ({literal})",
+            f"Received: from {printable(self.client.helo or '')} ({literal})",
             f"\tby {self.config.hostname} (mailx) with {protocol}"
             f" id {envelope.message_id}",
         ]

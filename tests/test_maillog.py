@@ -16,7 +16,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-from mailx.maillog import MailLogFile
+from mailx.maillog import MailLogFile, MailLogRouter
 
 
 def event(template: str, **fields: object) -> LogEvent:
@@ -90,3 +90,21 @@ def test_lines_of_one_turn_are_flushed_at_its_end(tmp_path: Path) -> None:
 
         MailLogFile(out)(event("fourth"))
         assert path.read_text().splitlines()[3].endswith("fourth")
+
+
+def test_control_characters_from_clients_do_not_reach_the_log() -> None:
+    """An escape sequence or NUL a client sent is written as "?", so reading
+    the log on a terminal is safe; the event's own format is untouched."""
+    out = io.StringIO()
+    router = MailLogRouter()
+    router.destination = MailLogFile(out)
+    router(
+        event(
+            "reject: MAIL from [{client_address}]: 553; from=<{sender}>",
+            client_address="192.0.2.1",
+            sender="\x1b[2Jx\x00@example.com",
+        )
+    )
+    line = out.getvalue()
+    assert "\x1b" not in line and "\x00" not in line
+    assert line.endswith("from=<?[2Jx?@example.com>\n")

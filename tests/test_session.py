@@ -722,3 +722,18 @@ def test_one_recipient_too_many_is_logged() -> None:
     assert output.codes()[-1] == 452
     (line,) = [formatEvent(e) for e in events if "reject" in str(e["log_format"])]
     assert line.endswith("from=<s@example.net> to=<bob@example.org>")
+
+
+def test_a_helo_name_with_control_characters_is_made_printable() -> None:
+    """Control characters in the EHLO name reach neither the trace field nor
+    anything after it."""
+    session, _, sink, _ = make_session()
+    feed(
+        session,
+        b"EHLO a\x1b[31mred\r\nMAIL FROM:<s@example.net>\r\n"
+        b"RCPT TO:<alice@example.org>\r\nDATA\r\n" + MESSAGE,
+    )
+    (_, content) = sink.messages[0]
+    received = content.split(b"\r\n", 1)[0]
+    assert received.startswith(b"Received: from a?[31mred ")
+    assert b"\x1b" not in content
