@@ -11,6 +11,7 @@ through the server's control socket when the server is up.  When it is not,
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 import time
@@ -138,12 +139,33 @@ class QueueTool:
         try:
             answer = send_command(self.control_socket, command)
         except ControlUnavailable:
+            if self._queue_in_use():
+                raise CommandError(
+                    "a server holds the queue but does not answer on"
+                    f" {self.control_socket}; files under it are left alone"
+                    " (see its mail log)",
+                    EX_TEMPFAIL,
+                ) from None
             return None
         except OSError as error:
             raise CommandError(f"server did not answer: {error}", EX_TEMPFAIL) from None
         if answer not in (OK, UNCHANGED):
             raise CommandError(answer.removeprefix("error ") or "no answer")
         return answer
+
+    def _queue_in_use(self) -> bool:
+        """Whether a running server holds the queue's lock (mailx.tap)."""
+        try:
+            lock = open(os.path.join(self.store.directory, "lock"), "a")  # noqa: SIM115
+        except OSError:
+            return False
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            lock.close()
+        return False
 
     def list(self) -> None:
         self._print(format_list(self._messages()))

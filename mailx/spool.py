@@ -33,6 +33,7 @@ import contextlib
 import os
 import random
 import re
+import socket
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -536,6 +537,7 @@ class Spool(Service):
         from mailx.control import ControlFactory
 
         unix = cast(IReactorUNIX, self._reactor)
+        _clear_stale_socket(path)
         endpoint = UNIXServerEndpoint(unix, path, mode=0o600, wantPID=True)
 
         def listening(port: IListeningPort) -> None:
@@ -543,6 +545,11 @@ class Spool(Service):
 
         def failed(failure: Failure) -> None:
             log.failure("control socket {path} unavailable", failure, path=path)
+            maillog.error(
+                "control socket {path} unavailable: mailx queue commands cannot"
+                " reach this server; see the twistd log",
+                path=path,
+            )
 
         listened = endpoint.listen(ControlFactory(self))
         listened.addCallbacks(listening, failed)
@@ -1084,6 +1091,29 @@ class Spool(Service):
             maillog.info("deleted {message_id}", message_id=message_id)
 
         return self._locked(message_id, lambda: Deferred.fromCoroutine(remove()))
+
+
+def _clear_stale_socket(path: str) -> None:
+    """
+    Remove a control socket, and its lock, that a process which ended left
+    behind: nothing answers on it.  Its lock may name a pid that a new
+    process has since taken, which would keep the socket from being made
+    again.  A socket that answers is left alone: another server uses it.
+    """
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        for stale in (path, path + ".lock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+    except OSError:
+        # Not a socket, or not ours to use: the listen says why.
+        return
+    finally:
+        probe.close()
 
 
 def synchronous_io(work: Callable[[], _T]) -> Deferred[_T]:

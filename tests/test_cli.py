@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from mailx.address import Address
-from mailx.cli import EX_DATAERR, EX_OK, main
+from mailx.cli import EX_DATAERR, EX_OK, EX_TEMPFAIL, main
 from mailx.control import ControlProtocol
 from mailx.envelope import ClientInfo, Envelope, Recipient, Route
 from mailx.replies import Reply
@@ -232,6 +234,22 @@ def test_flush_without_server_makes_messages_due(tmp_path: Path) -> None:
     assert store.load(message_id).next_attempt == 0.0
 
 
+def test_a_server_without_its_control_socket_keeps_the_tool_off_its_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When a server holds the queue but its control socket does not answer,
+    hold changes nothing on disk and says why, with a temporary failure."""
+    config = write_config(tmp_path)
+    message_id = queue_message(tmp_path, "bob")
+    store = SpoolStore(str(tmp_path / "queue"))
+    with open(tmp_path / "queue" / "lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        status, _ = run("queue", "hold", message_id, "--config", config)
+    assert status == EX_TEMPFAIL
+    assert "does not answer" in capsys.readouterr().err
+    assert not store.load(message_id).hold
+
+
 # Against a running spool, through its control socket.
 
 
@@ -345,3 +363,40 @@ def test_the_control_channel_says_a_message_left_during_its_attempt() -> None:
         "error message 31809G8ZB66012R7BG4J left the queue during the delivery attempt"
     )
     assert answers[1] == "error no such message 31809G8ZB66012R7BG4J"
+
+
+@pytest.mark.integration
+class StaleControlSocketTests(unittest.TestCase):
+    """A control socket, and a lock naming a live pid, left by a server that
+    was killed: the next server takes the socket over."""
+
+    def setUp(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="mailx-cli-"))
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.config = write_config(self.directory)
+        path = str(self.directory / "control.sock")
+        # What kill -9 leaves: the socket file, and a lock whose pid is now
+        # another live process (this one).
+        left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        left.bind(path)
+        left.close()
+        os.symlink(str(os.getpid()), path + ".lock")
+        self.spool = Spool(
+            str(self.directory / "queue"),
+            reactor,
+            RecordingAgent(),
+            "mx.example.net",
+            control_socket=path,
+        )
+        self.spool.startService()
+        self.addCleanup(self.spool.stopService)
+
+    async def _flush(self) -> None:
+        status, output = await threads.deferToThread(
+            run, "queue", "flush", "--config", self.config
+        )
+        assert (status, output) == (EX_OK, "")
+
+    def test_the_new_server_answers_on_the_control_socket(self) -> Deferred[None]:
+        """``queue flush`` reaches the new server, not the files."""
+        return Deferred.fromCoroutine(self._flush())
