@@ -730,10 +730,13 @@ class Spool(Service):
             return
 
         started = self._now()
-        if self.policy.is_expired(message.arrival, started):
-            self._expire(message, started)
-        else:
-            await self._deliver(message, content, started)
+        # An attempt first, even past the lifetime (a message released from
+        # hold, or the attempt at the moment of expiry): what it cannot
+        # deliver then expires, as Postfix bounces a message only after an
+        # attempt that failed.
+        await self._deliver(message, content, started)
+        if message.pending and self.policy.is_expired(message.arrival, started):
+            self._expire(message, self._now())
         await self._after_attempt(message, content)
 
     def _expire(self, message: QueuedMessage, now: float) -> None:

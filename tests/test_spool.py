@@ -737,7 +737,9 @@ def test_recovered_messages_are_delivered_when_due(
 def test_lifetime_applies_to_messages_already_queued(
     tmp_path: Path, clock: Clock, agent: ScriptedAgent
 ) -> None:
-    """A shorter lifetime at restart expires messages queued under a longer one."""
+    """A shorter lifetime at restart expires messages queued under a longer one,
+    after one more attempt at the moment of expiry."""
+    agent.script = {"bob": [DEFERRED]}
     store = SpoolStore(str(tmp_path))
     store.prepare()
     message = QueuedMessage.from_envelope("OLD1", envelope("bob"), len(CONTENT), 0.0)
@@ -749,8 +751,28 @@ def test_lifetime_applies_to_messages_already_queued(
     spool.startService()
     assert spool.schedule.next_attempt("OLD1") == 1000.0
     clock.advance(1000)
-    assert agent.calls[0].reverse_path is None
+    assert [str(call.recipients[0]) for call in agent.calls[:1]] == ["bob@example.com"]
+    assert agent.calls[1].reverse_path is None
     assert queued_ids(tmp_path) == []
+
+
+def test_a_message_released_after_its_lifetime_is_tried_first(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent, mail_log: list[str]
+) -> None:
+    """Held past its lifetime and released, a message gets one attempt: it is
+    delivered if it can be, and expires only if that attempt fails."""
+    agent.script = {"bob": [DEFERRED, replies.OK]}
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    message_id = result_of(spool.enqueue(envelope("bob"), CONTENT))
+    result_of(spool.hold(message_id))
+    clock.advance(LIFETIME * 2)
+
+    result_of(spool.release(message_id))
+    assert len(agent.calls) == 2
+    assert all(call.reverse_path is not None for call in agent.calls)
+    assert queued_ids(tmp_path) == []
+    assert not [line for line in mail_log if line.startswith("expired")]
 
 
 # Operator commands.
