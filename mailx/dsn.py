@@ -150,9 +150,11 @@ def _per_recipient_fields(item: RecipientReport) -> list[str]:
     fields.append(f"Final-Recipient: rfc822; {_printable(str(item.recipient))}")
     fields.append(f"Action: {item.action.value}")
     fields.append(f"Status: {item.status or status_of(item.reply, item.action)}")
-    # RFC 3464 section 2.3.5 and 2.3.6.
-    if item.remote_mta:
-        fields.append(f"Remote-MTA: dns; {_printable(item.remote_mta)}")
+    # RFC 3464 section 2.3.5 and 2.3.6: the host name of the next hop that
+    # answered, without its address; none for a Maildir here ("local").
+    remote = item.remote_mta.split("[", 1)[0]
+    if remote and remote != "local":
+        fields.append(f"Remote-MTA: dns; {_printable(remote)}")
     if item.reply is not None:
         diagnostic = _printable(" ".join(str(item.reply).split()))
         fields.append(f"Diagnostic-Code: smtp; {diagnostic}")

@@ -7,6 +7,8 @@ import email.policy
 from email.message import EmailMessage
 from typing import Any
 
+import pytest
+
 from mailx.address import Address
 from mailx.dsn import (
     MAX_RETURNED_CONTENT,
@@ -152,3 +154,32 @@ def test_boundary_does_not_occur_in_the_returned_message() -> None:
     assert boundary is not None
     assert boundary.encode() not in CONTENT
     assert data.count(f"--{boundary}".encode()) == 4
+
+
+@pytest.mark.parametrize(
+    ("next_hop", "field"),
+    [
+        ("mx.example.com[192.0.2.25]", "dns; mx.example.com"),
+        ("local", None),
+        ("", None),
+    ],
+)
+def test_remote_mta_names_the_next_hop_host_only(
+    next_hop: str, field: str | None
+) -> None:
+    """Remote-MTA is the next hop's host name, without its address, and is
+    left out for a Maildir here."""
+    item = RecipientReport(
+        Address("bob", "example.com"), Action.FAILED, None, remote_mta=next_hop
+    )
+    report = Report(
+        reporting_mta="mx.example.net",
+        message_id="ID",
+        arrival=0.0,
+        now=0.0,
+        recipients=[item],
+    )
+    sender = Address("alice", "example.org")
+    text = build_report(report, sender, b"Subject: x\r\n\r\nbody\r\n").decode()
+    remote = [line for line in text.splitlines() if line.startswith("Remote-MTA:")]
+    assert remote == ([f"Remote-MTA: {field}"] if field else [])
