@@ -518,7 +518,8 @@ class Spool(Service):
     def _recovered(self, result: tuple[list[Recovered], list[str]]) -> int:
         found, removed = result
         for name in removed:
-            log.warn(
+            # In the mail log: an unreadable message needs the operator.
+            maillog.warn(
                 "took {name} out of the queue (partial, orphaned or unreadable;"
                 " unreadable ones are kept in corrupt/)",
                 name=name,

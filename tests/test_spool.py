@@ -937,3 +937,22 @@ def test_enqueue_waits_for_recovery_to_finish(tmp_path: Path, clock: Clock) -> N
     assert fired == []
     io.run_next()  # The message's group commit.
     assert queued_ids(tmp_path) == fired
+
+
+def test_an_unreadable_envelope_is_reported_in_the_mail_log(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent, mail_log: list[str]
+) -> None:
+    """A message set aside at start because its envelope cannot be read is
+    named in the mail log, where the operator looks."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    (tmp_path / "envelope" / "BROKEN").write_bytes(b"{not json")
+    (tmp_path / "content" / "BROKEN").write_bytes(CONTENT)
+
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    assert [line for line in mail_log if line.startswith("took ")] == [
+        "took envelope/BROKEN out of the queue (partial, orphaned or unreadable;"
+        " unreadable ones are kept in corrupt/)"
+    ]
+    assert (tmp_path / "corrupt" / "BROKEN.envelope").exists()
