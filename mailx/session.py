@@ -604,6 +604,8 @@ class Session:
         if size > self.config.max_message_size:
             # RFC 3030 section 2 would have the chunk read and dropped; one
             # larger than any message we accept is not worth reading.
+            reverse_path = self.envelope.reverse_path if self.envelope else None
+            self._log_reject("BDAT", replies.CHUNK_TOO_BIG, reverse_path, [])
             self._close_with(replies.CHUNK_TOO_BIG)
             return
         # RFC 3030 section 2: the chunk is read even when the command fails.
@@ -793,8 +795,10 @@ class Session:
     def _reject_message(self, reply: Reply) -> None:
         envelope = self.envelope
         recipients = [] if envelope is None else envelope.recipients
+        # The command that carried the message: DATA, or BDAT (RFC 3030).
+        command = "DATA" if self._chunks is None else "BDAT"
         self._log_reject(
-            "DATA",
+            command,
             reply,
             envelope.reverse_path if envelope else None,
             [r.address for r in recipients],

@@ -737,3 +737,32 @@ def test_a_helo_name_with_control_characters_is_made_printable() -> None:
     received = content.split(b"\r\n", 1)[0]
     assert received.startswith(b"Received: from a?[31mred ")
     assert b"\x1b" not in content
+
+
+@pytest.mark.parametrize(
+    ("transfer", "command"),
+    [
+        (b"DATA\r\n" + b"x" * 120 + b"\r\n.\r\n", "DATA"),
+        (b"BDAT 60\r\n" + b"x" * 60 + b"BDAT 62 LAST\r\n" + b"x" * 62, "BDAT"),
+    ],
+)
+def test_a_message_over_the_size_limit_is_logged_under_its_command(
+    transfer: bytes, command: str
+) -> None:
+    """A message refused for its size is logged as refused at DATA or BDAT,
+    whichever carried it."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        session, output, _, _ = make_session(max_message_size=100)
+        feed(
+            session,
+            b"EHLO c\r\nMAIL FROM:<s@example.net>\r\n"
+            b"RCPT TO:<alice@example.org>\r\n" + transfer,
+        )
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert output.replies()[-1].startswith("552 ")
+    (line,) = [formatEvent(e) for e in events if "reject" in str(e["log_format"])]
+    assert line.startswith(f"reject: {command} from [192.0.2.7]:40000: 552 ")
