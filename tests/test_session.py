@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+from collections.abc import Iterator
 from typing import cast
 
 import pytest
@@ -19,6 +21,18 @@ TRANSACTION = (
     b"DATA\r\n"
 )
 MESSAGE = b"Subject: hi\r\n\r\nHello\r\n..dot\r\n.\r\n"
+
+
+@contextlib.contextmanager
+def mail_events() -> Iterator[list[LogEvent]]:
+    """The log events emitted inside the ``with`` block."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observer)
 
 
 def feed(session: Session, data: bytes) -> None:
@@ -629,14 +643,9 @@ def test_help_lists_only_what_is_offered() -> None:
 
 def test_a_refused_message_is_logged_with_its_recipients() -> None:
     """The mail log names the recipients of a message refused at its end."""
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
+    with mail_events() as events:
         session, _, _, _ = make_session()
         feed(session, TRANSACTION + b"bare\nLF\r\n.\r\n")
-    finally:
-        globalLogPublisher.removeObserver(observer)
     (event,) = [e for e in events if "reject" in str(e.get("log_format"))]
     assert formatEvent(event).endswith(
         "from=<sender@example.net> to=<alice@example.org>"
@@ -656,16 +665,11 @@ def test_a_mail_refused_for_want_of_auth_is_logged_with_its_sender(
 ) -> None:
     """530 to MAIL on a submission port logs the sender the client gave, not
     an empty one that would read as a bounce's null reverse path."""
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
+    with mail_events() as events:
         session, output, _, _ = make_session(
             authenticator=FakeAuthenticator(), require_auth=True
         )
         feed(session, b"EHLO c\r\n" + command + b"\r\n")
-    finally:
-        globalLogPublisher.removeObserver(observer)
     assert output.replies()[-1].startswith("530 5.7.0 ")
     (event,) = [e for e in events if "reject" in str(e.get("log_format"))]
     assert formatEvent(event).endswith(f"{logged} to=<>")
@@ -690,14 +694,9 @@ def test_a_path_refused_unparsed_is_logged_as_written(
 ) -> None:
     """A forward or reverse path refused for its syntax gets a reject line,
     with the path as the client wrote it, so that probing is seen."""
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
+    with mail_events() as events:
         session, output, _, _ = make_session()
         feed(session, b"EHLO c\r\n" + commands + b"\r\n")
-    finally:
-        globalLogPublisher.removeObserver(observer)
     assert output.codes()[-1] >= 500
     (line,) = [formatEvent(e) for e in events if "reject" in str(e["log_format"])]
     assert line.startswith(logged)
@@ -707,18 +706,13 @@ def test_a_path_refused_unparsed_is_logged_as_written(
 
 def test_one_recipient_too_many_is_logged() -> None:
     """452 for the recipient over the limit is logged as a refusal too."""
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
+    with mail_events() as events:
         session, output, _, _ = make_session(max_recipients=1)
         feed(
             session,
             b"EHLO c\r\nMAIL FROM:<s@example.net>\r\n"
             b"RCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n",
         )
-    finally:
-        globalLogPublisher.removeObserver(observer)
     assert output.codes()[-1] == 452
     (line,) = [formatEvent(e) for e in events if "reject" in str(e["log_format"])]
     assert line.endswith("from=<s@example.net> to=<bob@example.org>")
@@ -751,18 +745,13 @@ def test_a_message_over_the_size_limit_is_logged_under_its_command(
 ) -> None:
     """A message refused for its size is logged as refused at DATA or BDAT,
     whichever carried it."""
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
+    with mail_events() as events:
         session, output, _, _ = make_session(max_message_size=100)
         feed(
             session,
             b"EHLO c\r\nMAIL FROM:<s@example.net>\r\n"
             b"RCPT TO:<alice@example.org>\r\n" + transfer,
         )
-    finally:
-        globalLogPublisher.removeObserver(observer)
     assert output.replies()[-1].startswith("552 ")
     (line,) = [formatEvent(e) for e in events if "reject" in str(e["log_format"])]
     assert line.startswith(f"reject: {command} from [192.0.2.7]:40000: 552 ")
