@@ -104,7 +104,7 @@ def deliver(maildir: str, content: bytes) -> str:
 
 def _make_maildir(maildir: str) -> None:
     parent = os.path.dirname(os.path.abspath(maildir))
-    os.makedirs(parent, exist_ok=True)
+    _make_parents(parent)
     created = _make_directory(maildir)
     for sub in SUBDIRECTORIES:
         created = _make_directory(os.path.join(maildir, sub)) or created
@@ -113,6 +113,23 @@ def _make_maildir(maildir: str) -> None:
         # New directories are entries of their parent; sync it so they last.
         _sync_directory(maildir)
         _sync_directory(parent)
+
+
+def _make_parents(path: str) -> None:
+    """
+    Create ``path`` and any missing directory above it, each readable by the
+    mailx user only, as at start (``os.makedirs`` would give the ones above
+    the last the process's default mode).
+    """
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        above = os.path.dirname(path)
+        if above == path:
+            break
+        path = above
+    for directory in reversed(missing):
+        _make_directory(directory)
 
 
 def _make_directory(path: str) -> bool:

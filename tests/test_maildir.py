@@ -217,3 +217,13 @@ def test_failed_directory_sync_leaves_no_file(
 
     assert listing(box / "tmp") == []
     assert listing(box / "new") == [first]
+
+
+def test_a_removed_mail_root_is_made_again_for_the_user_only(tmp_path: Path) -> None:
+    """If the mail root went away while mailx runs, the next delivery makes
+    it, and the domain directory, readable by the mailx user only."""
+    root = tmp_path / "mail"
+    path = deliver(str(root / "example.org" / "bob"), b"x\n")
+    assert Path(path).read_bytes() == b"x\n"
+    for directory in (root, root / "example.org", root / "example.org" / "bob"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
