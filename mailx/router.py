@@ -214,14 +214,23 @@ class Router:
                 raise next(
                     problem for misses in failed.values() for _, problem in misses
                 )
+            # A Maildir several recipients lead to is queued once, under the
+            # first of them, as it is written once.
+            queued: set[str] = set()
             for index, misses in sorted(failed.items()):
                 recipient = local[index]
                 _log_missing(envelope.message_id, recipient, misses)
                 # Only what is missing goes to the spool: the Maildirs that
                 # were written are not written again.
-                others = others + _to_retry(
-                    recipient, [box for box, _ in misses], self.local.mailboxes_of
-                )
+                boxes = [
+                    box
+                    for box, _ in misses
+                    if box.maildir(self.local.root) not in queued
+                ]
+                if not boxes:
+                    continue
+                queued |= {box.maildir(self.local.root) for box in boxes}
+                others = others + _to_retry(recipient, boxes, self.local.mailboxes_of)
         if others:
             assert self.queue is not None
             await self.queue.enqueue(_with_recipients(envelope, others), content)

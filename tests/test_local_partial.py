@@ -253,3 +253,18 @@ def test_every_recipient_of_a_shared_copy_is_logged(tmp_path: Path) -> None:
         ]
     )
     assert setup.copies("alice") == setup.copies("carol") == 1
+
+
+def test_a_failed_maildir_several_recipients_lead_to_is_queued_once(
+    tmp_path: Path,
+) -> None:
+    """carol, directly and through the alias "both", is one Maildir: when it
+    fails it is queued once, and later written once."""
+    setup = Setup(tmp_path)
+    setup.block("carol")
+    assert setup.receive(CAROL, BOTH).is_positive
+    (message_id,) = setup.queued()
+    assert [r.address for r in setup.spool.store.load(message_id).recipients] == [CAROL]
+    setup.unblock("carol")
+    setup.retry()
+    assert (setup.copies("alice"), setup.copies("carol")) == (1, 1)
