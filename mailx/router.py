@@ -184,15 +184,15 @@ class Router:
         """
         local = [r for r in envelope.recipients if r.route in LOCAL_ROUTES]
         others = [r for r in envelope.recipients if r.route not in LOCAL_ROUTES]
-        # A local recipient with no Maildir now (its alias was removed by a
-        # reload since RCPT) goes to the spool, whose agent reports it as
-        # unknown to the sender: it is never dropped unsaid.
         if envelope.client is not None and envelope.client.listener == "worker":
             # Handed on by a worker (mailx.workers): it wrote every Maildir
             # it could, so its local recipients go to the spool, not again
             # to a Maildir that just failed.
             others += local
             local = []
+        # A local recipient with no Maildir now (its alias was removed by a
+        # reload since RCPT) goes to the spool, whose agent reports it as
+        # unknown to the sender: it is never dropped unsaid.
         unknown = [r for r in local if not self.local.mailboxes_of(r)]
         if unknown:
             others += unknown
