@@ -142,10 +142,12 @@ RECOVERED = re.compile(r"recovered (\d+) queued messages")
 
 
 def _wait_for_recovery(mailx: CommandServer, timeout: float) -> int | None:
-    """Wait for the recovery line in mailx's log; the count it gives."""
+    """Wait for the recovery line in mailx's mail log; the count it gives."""
+    mail_log = mailx.workdir / "mail.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = RECOVERED.search(mailx.log_path.read_text(errors="replace"))
+        text = mail_log.read_text(errors="replace") if mail_log.exists() else ""
+        found = RECOVERED.search(text)
         if found:
             return int(found[1])
         if not mailx.running():

@@ -528,7 +528,7 @@ class Spool(Service):
             # The lifetime applies to messages queued before it changed.
             when = min(item.next_attempt, self.policy.expires_at(item.arrival))
             self.schedule.put(item.message_id, when, item.hold)
-        log.info("recovered {count} queued messages", count=len(found))
+        maillog.info("recovered {count} queued messages", count=len(found))
         self._run_due()
         return len(found)
 

@@ -373,7 +373,11 @@ def test_mixed_replies_deliver_retry_and_bounce(
     }
     assert stored.recipients[1].reply == DEFERRED
     assert stored.attempts == 1
-    assert mail_log[1:] == [
+    assert mail_log[:2] == [
+        "recovered 0 queued messages",
+        f"queued {message_id} from=<alice@example.org> nrcpt=3 size={len(CONTENT)}",
+    ]
+    assert mail_log[2:] == [
         f"delivered {message_id} to=<bob@example.com> relay=mx.example.com "
         "attempts=1 reply=250 2.0.0 OK",
         f"deferred {message_id} to=<late@example.com> relay=mx.example.com "
