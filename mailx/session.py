@@ -894,23 +894,45 @@ class Session:
         reverse_path: Address | str | None,
         forward_paths: list[Address] | str,
     ) -> None:
-        """A path given as text is logged as the client wrote it, unparsed."""
+        """
+        A path given as text is logged as the client wrote it, unparsed.
+        Only what the refused command had is named: no recipient before
+        RCPT, no sender for AUTH, rather than an empty ``<>`` that reads as
+        the null reverse path.
+        """
         if isinstance(reverse_path, str):
             sender = reverse_path
         else:
             sender = _path_text(reverse_path)
-        maillog.info(
-            "reject: {command} from [{client_address}]:{client_port}: {reply}; "
-            "from=<{sender}> to=<{recipient}>",
-            command=command,
-            client_address=self.client.address,
-            client_port=self.client.port,
-            reply=str(reply),
-            sender=sender,
-            recipient=forward_paths
-            if isinstance(forward_paths, str)
-            else ">,<".join(str(path) for path in forward_paths),
-        )
+        if isinstance(forward_paths, str):
+            recipient = forward_paths
+        else:
+            recipient = ">,<".join(str(path) for path in forward_paths)
+        fields = {
+            "command": command,
+            "client_address": self.client.address,
+            "client_port": self.client.port,
+            "reply": str(reply),
+            "sender": sender,
+            "recipient": recipient,
+        }
+        if command == "AUTH":
+            maillog.info(
+                "reject: {command} from [{client_address}]:{client_port}: {reply}",
+                **fields,
+            )
+        elif not forward_paths:
+            maillog.info(
+                "reject: {command} from [{client_address}]:{client_port}: {reply};"
+                " from=<{sender}>",
+                **fields,
+            )
+        else:
+            maillog.info(
+                "reject: {command} from [{client_address}]:{client_port}: {reply};"
+                " from=<{sender}> to=<{recipient}>",
+                **fields,
+            )
 
 
 def _take_over_trace(envelope: Envelope, content: bytes) -> None:
