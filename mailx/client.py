@@ -127,6 +127,9 @@ class Transaction:
     envid: str | None = None
     notify: list[frozenset[str] | None] = field(default_factory=list)
     orcpt: list[str | None] = field(default_factory=list)
+    # mailx's hand-off from a worker (mailx.workers): which recipients are
+    # one Maildir of the main process, sent with X-MAILX-MAILBOX.
+    mailbox: list[bool] = field(default_factory=list)
 
     def subset(self, indices: list[int]) -> Transaction:
         """The same transaction for the recipients at ``indices`` only."""
@@ -135,6 +138,7 @@ class Transaction:
             recipients=[self.recipients[i] for i in indices],
             notify=[self.notify[i] for i in indices] if self.notify else [],
             orcpt=[self.orcpt[i] for i in indices] if self.orcpt else [],
+            mailbox=[self.mailbox[i] for i in indices] if self.mailbox else [],
         )
 
 
@@ -655,9 +659,12 @@ class ClientSession:
 
     def _rcpt_parameters(self, index: int) -> str:
         transaction = self._transaction
-        if "DSN" not in self._extensions:
-            return ""
         parameters = ""
+        mailbox = transaction.mailbox[index] if transaction.mailbox else False
+        if mailbox and "X-MAILX-MAILBOX" in self._extensions:
+            parameters += " X-MAILX-MAILBOX"
+        if "DSN" not in self._extensions:
+            return parameters
         notify = transaction.notify[index] if transaction.notify else None
         if notify:
             # RFC 3461 section 4.1: NEVER alone, or the others in this order.

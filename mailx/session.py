@@ -65,6 +65,7 @@ from mailx.envelope import (
     Policy,
     Recipient,
     RecipientDecision,
+    Route,
 )
 from mailx.ids import new_message_id
 from mailx.maillog import maillog, printable
@@ -138,6 +139,11 @@ class SessionConfig:
     # message as accepted; not on the handoff from a worker process, which
     # did all of it for its client (mailx.workers).
     add_trace: bool = True
+
+
+# mailx's own RCPT parameter, offered on the hand-off listener only
+# (mailx.workers): the recipient is one Maildir here, as a worker resolved it.
+HANDOFF_MAILBOX = "X-MAILX-MAILBOX"
 
 
 class Session:
@@ -424,6 +430,8 @@ class Session:
             extensions.append("STARTTLS")
         if self._auth_offered():
             extensions.append("AUTH PLAIN LOGIN")
+        if not self.config.add_trace:
+            extensions.append(HANDOFF_MAILBOX)
         return extensions
 
     def _auth_offered(self) -> bool:
@@ -527,7 +535,11 @@ class Session:
             return
         try:
             parsed = parse_forward_path(path, utf8=envelope.smtputf8)
-            notify, orcpt = _dsn_parameters(parsed.parameters)
+            parameters = dict(parsed.parameters)
+            mailbox = not self.config.add_trace and HANDOFF_MAILBOX in parameters
+            if mailbox:
+                del parameters[HANDOFF_MAILBOX]
+            notify, orcpt = _dsn_parameters(parameters)
         except AddressError as error:
             # Logged, so that a client probing with odd paths is seen.
             written = _written_path(argument, "TO:")
@@ -545,6 +557,15 @@ class Session:
                 [forward_path],
             )
             self._reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        if mailbox:
+            # A worker resolved it to one of its Maildirs: written there as
+            # named, neither checked nor expanded again (mailx.router).
+            envelope.recipients.append(
+                Recipient(forward_path, Route.MAILBOX, notify, orcpt)
+            )
+            self.state = State.RCPT
+            self._reply(replies.RECIPIENT_OK)
             return
 
         deferred = self.policy.check_recipient(

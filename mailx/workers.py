@@ -48,7 +48,7 @@ from mailx.client import (
     Transaction,
     nothing_taken,
 )
-from mailx.envelope import Envelope
+from mailx.envelope import Envelope, Route
 from mailx.replies import Reply, ReplyError
 
 log = Logger()
@@ -96,6 +96,9 @@ class HandoffQueue:
             envid=envelope.envid,
             notify=[r.notify for r in recipients],
             orcpt=[r.orcpt for r in recipients],
+            # A Maildir this worker could not write: the main process writes
+            # it as named (mailx.router), with no alias expanded again.
+            mailbox=[r.route is Route.MAILBOX for r in recipients],
         )
         outcome = await self._over_kept(transaction)
         if outcome is None:

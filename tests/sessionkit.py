@@ -130,6 +130,7 @@ def make_session(
     max_errors: int = 20,
     authenticator: FakeAuthenticator | None = None,
     require_auth: bool = False,
+    add_trace: bool = True,
 ) -> tuple[Session, FakeOutput, RecordingSink, AcceptingPolicy]:
     output = FakeOutput()
     sink = RecordingSink()
@@ -141,6 +142,7 @@ def make_session(
         max_errors=max_errors,
         tls_available=tls_available,
         require_auth=require_auth,
+        add_trace=add_trace,
     )
     session = Session(
         config,

@@ -92,3 +92,25 @@ def test_a_421_at_the_next_mail_goes_to_a_new_connection() -> None:
     fresh.reply(GREETING + EHLO + ENVELOPE_OK)
     fresh.reply(QUEUED)
     assert outcome == ["W2"]
+
+
+def test_a_maildir_recipient_is_handed_over_as_one() -> None:
+    """A recipient the worker resolved to one Maildir goes with
+    X-MAILX-MAILBOX, so the main process writes that Maildir as named."""
+    reactor = MemoryReactorClock()
+    queue = HandoffQueue(reactor, "/run/mailx/handoff.sock", "worker.test")
+    envelope = Envelope(
+        reverse_path=Address("alice", "here.test"),
+        recipients=[
+            Recipient(Address("carol", "example.org"), Route.MAILBOX),
+            Recipient(Address("bob", "remote.test"), Route.RELAY),
+        ],
+        message_id="W1",
+    )
+    queue.enqueue(envelope, CONTENT)
+    connection = opened(reactor, 0)
+    connection.reply(GREETING + b"250-main.test\r\n250-PIPELINING\r\n")
+    connection.reply(b"250 X-MAILX-MAILBOX\r\n")
+    sent = connection.sent()
+    assert b"RCPT TO:<carol@example.org> X-MAILX-MAILBOX\r\n" in sent
+    assert b"RCPT TO:<bob@remote.test>\r\n" in sent

@@ -756,3 +756,29 @@ def test_a_message_over_the_size_limit_is_logged_under_its_command(
     assert output.replies()[-1].startswith("552 ")
     (line,) = [formatEvent(e) for e in events if "reject" in str(e["log_format"])]
     assert line.startswith(f"reject: {command} from [192.0.2.7]:40000: 552 ")
+
+
+def test_a_hand_off_names_a_maildir_with_its_own_parameter() -> None:
+    """On the hand-off listener, RCPT with X-MAILX-MAILBOX takes the recipient
+    as one Maildir here, past the policy, so it is not expanded again; the
+    parameter is offered there only and refused anywhere else."""
+    session, output, _, policy = make_session(add_trace=False)
+    policy.hold = True  # the policy is not asked: nothing would answer
+    feed(session, b"EHLO worker\r\n")
+    assert "X-MAILX-MAILBOX" in output.replies()[-1]
+    feed(
+        session,
+        b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org> X-MAILX-MAILBOX\r\n",
+    )
+    assert output.codes()[-2:] == [250, 250]
+    assert session.envelope is not None
+    assert session.envelope.recipients[0].route is Route.MAILBOX
+
+    session, output, _, _ = make_session()
+    feed(session, b"EHLO client\r\n")
+    assert "X-MAILX-MAILBOX" not in output.replies()[-1]
+    feed(
+        session,
+        b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org> X-MAILX-MAILBOX\r\n",
+    )
+    assert output.codes()[-1] == 555
