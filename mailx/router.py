@@ -346,30 +346,52 @@ class LocalFirstAgent:
                 "{message_id}: local delivery failed", message_id=envelope.message_id
             )
             failed = {index: [] for index in range(len(known))}
+        outcome: dict[int, Reply] = {}
+        # Maildirs some recipient of this attempt will write on its retry.
+        covered: set[str] = set()
+        # First the recipients none of whose copies were written: each is
+        # tried again whole, so its Maildirs are covered.
         for index, recipient in enumerate(known):
             misses = failed.get(index)
-            reply = DELIVERED
-            if misses is not None:
-                reply = await self._missing(recipient, misses, content, envelope)
-            results.append(RecipientResult(recipient.address, reply, "local"))
+            if misses is None:
+                outcome[index] = DELIVERED
+            elif not misses or len(misses) >= len(self.local.mailboxes_of(recipient)):
+                _log_missing(envelope.message_id, recipient, misses)
+                covered |= {box.maildir(self.local.root) for box, _ in misses}
+                outcome[index] = replies.STORAGE_FAILED
+        # Then those with some copies written: the rest goes once, by itself.
+        for index, recipient in enumerate(known):
+            if index not in outcome:
+                misses = failed[index]
+                _log_missing(envelope.message_id, recipient, misses)
+                outcome[index] = await self._requeue_missing(
+                    recipient, misses, content, envelope, covered
+                )
+        for index, recipient in enumerate(known):
+            results.append(RecipientResult(recipient.address, outcome[index], "local"))
         return results
 
-    async def _missing(
+    async def _requeue_missing(
         self,
         recipient: Recipient,
         misses: list[tuple[Mailbox, OSError]],
         content: bytes,
         envelope: Envelope,
+        covered: set[str],
     ) -> Reply:
-        """The outcome for a recipient some or all of whose copies failed."""
-        _log_missing(envelope.message_id, recipient, misses)
-        written = len(self.local.mailboxes_of(recipient)) - len(misses)
-        if not misses or written <= 0 or self.requeue is None:
-            # Nothing was written: the recipient is tried again whole.
+        """
+        A recipient some of whose copies were written: the Maildirs still
+        missing, and not covered by another recipient's retry, are queued as
+        a message of their own, and the recipient is done.
+        """
+        boxes = [
+            box for box, _ in misses if box.maildir(self.local.root) not in covered
+        ]
+        if not boxes:
+            return DELIVERED
+        if self.requeue is None:
             return replies.STORAGE_FAILED
-        retry = _to_retry(
-            recipient, [box for box, _ in misses], self.local.mailboxes_of
-        )
+        retry = _to_retry(recipient, boxes, self.local.mailboxes_of)
         rest = dataclasses.replace(envelope, recipients=retry, message_id="")
         try:
             queue_id = await self.requeue(rest, content)
@@ -379,6 +401,7 @@ class LocalFirstAgent:
                 message_id=envelope.message_id,
             )
             return replies.STORAGE_FAILED
+        covered |= {box.maildir(self.local.root) for box in boxes}
         return DELIVERED.with_text(
-            f"{DELIVERED.text}; {len(misses)} more queued as {queue_id}"
+            f"{DELIVERED.text}; {len(boxes)} more queued as {queue_id}"
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
@@ -33,6 +34,8 @@ class Mailboxes:
             return None
         if address.local_part == "both":
             return [Mailbox(DOMAIN, "alice"), Mailbox(DOMAIN, "carol")]
+        if address.local_part == "other":
+            return [Mailbox(DOMAIN, "carol"), Mailbox(DOMAIN, "dave")]
         return [Mailbox(DOMAIN, address.local_part)]
 
 
@@ -268,3 +271,33 @@ def test_a_failed_maildir_several_recipients_lead_to_is_queued_once(
     setup.unblock("carol")
     setup.retry()
     assert (setup.copies("alice"), setup.copies("carol")) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "recipients",
+    [
+        [BOTH, Address("other", DOMAIN)],
+        [CAROL, BOTH],
+        [BOTH, CAROL],
+    ],
+)
+def test_a_spool_message_queues_a_shared_failed_maildir_once(
+    tmp_path: Path, recipients: list[Address]
+) -> None:
+    """On a retry from the spool, a failed Maildir that several recipients
+    lead to (two aliases, or a user and an alias) ends with one copy."""
+    setup = Setup(tmp_path)
+    setup.block("carol")
+    report = Envelope(
+        reverse_path=None,
+        recipients=[Recipient(r, Route.LOCAL) for r in recipients],
+        message_id="",
+    )
+    setup.spool.enqueue(report, CONTENT)
+    setup.retry()
+    setup.unblock("carol")
+    setup.retry()
+    setup.retry()
+    assert setup.copies("carol") == 1
+    assert setup.copies("alice") == 1
+    assert setup.queued() == []
