@@ -96,6 +96,10 @@ MAX_PARALLEL = 20
 # the oldest are dropped and read back from disk when tried.
 FRESH_CONTENT_LIMIT = 64 * 1024 * 1024
 
+# How long the start waits to learn whether a control socket left on disk
+# still has a server behind it.
+CONTROL_PROBE_TIMEOUT = 1.0
+
 # Worker threads for spool I/O: enough for several sessions' fsyncs to
 # overlap, few enough that a burst of mail cannot start unbounded threads.
 IO_THREADS = 8
@@ -735,8 +739,16 @@ class Spool(Service):
         # hold, or the attempt at the moment of expiry): what it cannot
         # deliver then expires, as Postfix bounces a message only after an
         # attempt that failed.
-        await self._deliver(message, content, started)
-        if message.pending and self.policy.is_expired(message.arrival, started):
+        expired = self.policy.is_expired(message.arrival, started)
+        try:
+            await self._deliver(message, content, started)
+        except Exception:
+            if not expired:
+                raise
+            # A fault in the attempt must not keep an expired message queued
+            # for ever: it is returned as it would have been.
+            log.failure("attempt for {message_id} failed", message_id=message_id)
+        if message.pending and expired:
             self._expire(message, self._now())
         await self._after_attempt(message, content)
 
@@ -1107,6 +1119,8 @@ def _clear_stale_socket(path: str) -> None:
     if not os.path.exists(path):
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A live server with a full backlog must not stall this start.
+    probe.settimeout(CONTROL_PROBE_TIMEOUT)
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
@@ -1114,7 +1128,7 @@ def _clear_stale_socket(path: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)
     except OSError:
-        # Not a socket, or not ours to use: the listen says why.
+        # Not a socket, not ours to use, or busy: the listen says why.
         return
     finally:
         probe.close()

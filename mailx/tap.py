@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, ClassVar, TypeVar, cast
 
@@ -161,6 +162,11 @@ def _check_writable_file(key: str, path: str) -> None:
         raise ConfigError(f"{key}: cannot open {path!r}: {error.strerror}") from None
 
 
+# Tries and the wait between them before the queue counts as taken.
+LOCK_TRIES = 5
+LOCK_RETRY_WAIT = 0.1
+
+
 def _lock_queue(directory: str) -> IO[str]:
     """
     Hold a lock on the queue directory for as long as this process runs: two
@@ -169,7 +175,16 @@ def _lock_queue(directory: str) -> IO[str]:
     path = os.path.join(directory, "lock")
     lock = open(path, "a+", encoding="ascii")  # noqa: SIM115 - held until exit
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A few tries: ``mailx queue`` takes the lock for an instant to see
+        # whether a server holds it (mailx.cli).
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_TRIES - 1:
+                    raise
+                time.sleep(LOCK_RETRY_WAIT)
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "another process"

@@ -960,3 +960,24 @@ def test_an_unreadable_envelope_is_reported_in_the_mail_log(
         " unreadable ones are kept in corrupt/)"
     ]
     assert (tmp_path / "corrupt" / "BROKEN.envelope").exists()
+
+
+def test_a_fault_in_the_last_attempt_still_expires_the_message(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent, mail_log: list[str]
+) -> None:
+    """Past its lifetime, a message whose attempt fails with a fault (not a
+    reply) is returned all the same, not kept for ever."""
+    agent.script = {"bob": [DEFERRED]}
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    message_id = result_of(spool.enqueue(envelope("bob"), CONTENT))
+    result_of(spool.hold(message_id))
+    clock.advance(LIFETIME * 2)
+
+    async def broken(*arguments: object) -> None:
+        raise RuntimeError("a fault in the attempt")
+
+    spool._deliver = broken  # type: ignore[method-assign,assignment]
+    result_of(spool.release(message_id))
+    assert any(line.startswith(f"expired {message_id}") for line in mail_log)
+    assert message_id not in queued_ids(tmp_path)
