@@ -182,6 +182,55 @@ def test_sighup_reaches_the_workers(tmp_path: Path) -> None:
         server.stop()
 
 
+def block(server: MailxProcess, local_part: str) -> Path:
+    """A file where a Maildir should be: every write to it fails."""
+    path = server.maildir("example.org", local_part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a Maildir")
+    return path
+
+
+def send_through_the_worker(
+    server: MailxProcess, main: int, recipients: list[str], written: str
+) -> list[object]:
+    """Send one message while the main process is stopped, so the worker
+    serves it, once ``written``'s copy is there; what sendmail gave."""
+    outcome: list[object] = []
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=WAIT) as client:
+            try:
+                outcome.append(
+                    client.sendmail(
+                        "s@example.net", recipients, b"Subject: w\r\n\r\nbody\r\n"
+                    )
+                )
+            except smtplib.SMTPException as error:
+                outcome.append(error)
+
+    os.kill(main, signal.SIGSTOP)
+    try:
+        sender = threading.Thread(target=send)
+        sender.start()
+        wait_until(
+            lambda: len(server.messages("example.org", written)) == 1,
+            f"{written}'s copy, written by the worker",
+        )
+    finally:
+        os.kill(main, signal.SIGCONT)
+    sender.join(WAIT)
+    return outcome
+
+
+def flush(server: MailxProcess) -> None:
+    subprocess.run(
+        [str(PROJECT / ".venv/bin/mailx"), "queue", "flush", "--config", "mailx.toml"],
+        cwd=server.workdir,
+        capture_output=True,
+        check=True,
+    )
+
+
 def test_a_maildir_that_fails_costs_the_others_no_second_copy(
     tmp_path: Path,
 ) -> None:
@@ -189,48 +238,12 @@ def test_a_maildir_that_fails_costs_the_others_no_second_copy(
     hands only bob to the main process, which queues him; once his Maildir
     can be written he gets one copy, and alice still has one."""
     server, main, _ = start_two(tmp_path)
-    bob = server.maildir("example.org", "bob")
-    bob.parent.mkdir(parents=True, exist_ok=True)
-    bob.write_text("not a Maildir")
+    bob = block(server, "bob")
     try:
-        os.kill(main, signal.SIGSTOP)
-        try:
-            outcome: list[dict[str, tuple[int, bytes]]] = []
-
-            def send() -> None:
-                with smtplib.SMTP("127.0.0.1", server.port, timeout=WAIT) as client:
-                    outcome.append(
-                        client.sendmail(
-                            "s@example.net",
-                            ["bob@example.org", "alice@example.org"],
-                            b"Subject: partial\r\n\r\nbody\r\n",
-                        )
-                    )
-
-            sender = threading.Thread(target=send)
-            sender.start()
-            wait_until(
-                lambda: len(server.messages("example.org", "alice")) == 1,
-                "alice's copy, written by the worker",
-            )
-        finally:
-            os.kill(main, signal.SIGCONT)
-        sender.join(WAIT)
-        assert outcome == [{}]
-
+        recipients = ["bob@example.org", "alice@example.org"]
+        assert send_through_the_worker(server, main, recipients, "alice") == [{}]
         bob.unlink()
-        subprocess.run(
-            [
-                str(PROJECT / ".venv/bin/mailx"),
-                "queue",
-                "flush",
-                "--config",
-                "mailx.toml",
-            ],
-            cwd=server.workdir,
-            capture_output=True,
-            check=True,
-        )
+        flush(server)
         wait_until(
             lambda: len(server.messages("example.org", "bob")) == 1, "bob's copy"
         )
@@ -244,3 +257,36 @@ def test_a_maildir_that_fails_costs_the_others_no_second_copy(
     log = server.log()
     assert "from []:0" not in log and "client=[127.0.0.1]:0" not in log
     assert len(re.findall(r": accepted from=<s@example\.net> nrcpt=2 ", log)) == 1
+
+
+def test_a_worker_hands_on_an_alias_maildir_it_could_not_write(
+    tmp_path: Path,
+) -> None:
+    """An alias to alice and carol, where carol exists only through it and
+    her Maildir cannot be written: the worker writes alice's copy, the main
+    process takes carol's as one Maildir (not as an unknown user), and she
+    gets it once her Maildir can be written; the client sees one 250."""
+    port = free_port()
+    extra = 'aliases = "aliases"\n[dns]\nservers = ["127.0.0.1:9"]\ntimeout = 1\n'
+    config = basic_config(port, extra=extra).replace(
+        "[server]\n", "[server]\nworkers = 2\n"
+    )
+    server = MailxProcess(tmp_path / "mx", config, port=port)
+    (server.workdir / "aliases").write_text("team: alice, carol\n")
+    carol = block(server, "carol")
+    server.start()
+    try:
+        assert server.process is not None
+        main = server.process.pid
+        wait_until(lambda: len(worker_pids(main)) == 1, "the worker")
+        outcome = send_through_the_worker(server, main, ["team@example.org"], "alice")
+        assert outcome == [{}]
+        carol.unlink()
+        flush(server)
+        wait_until(
+            lambda: len(server.messages("example.org", "carol")) == 1, "carol's copy"
+        )
+    finally:
+        server.stop()
+    assert len(server.messages("example.org", "alice")) == 1
+    assert len(server.messages("example.org", "carol")) == 1
