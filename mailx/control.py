@@ -119,6 +119,9 @@ class ControlProtocol(LineOnlyReceiver):
 class ControlFactory(Factory):
     """Builds a ``ControlProtocol`` per connection on the control socket."""
 
+    # No "Starting factory" and "Stopping factory" lines in the log.
+    noisy = False
+
     def __init__(self, target: ControlTarget) -> None:
         self._target = target
 
