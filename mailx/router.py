@@ -61,6 +61,10 @@ class Queue(Protocol):
     def enqueue(self, envelope: Envelope, content: bytes) -> Deferred[str]: ...
 
 
+# A local recipient with the Maildirs its copies go to.
+Resolved = tuple[Recipient, Sequence[Mailbox]]
+# A Maildir that could not be written, and why.
+Miss = tuple[Mailbox, OSError]
 # Per job of a submission, in order: None when it was written, or its error.
 JobErrors = list[OSError | None]
 
@@ -111,24 +115,38 @@ class LocalStore:
             return [LocalMailbox(address.domain_key, address.local_part)]
         return self.mailboxes.resolve(recipient.address) or []
 
+    def resolved(
+        self, recipients: Iterable[Recipient]
+    ) -> tuple[list[Resolved], list[Recipient]]:
+        """Each recipient with its Maildirs, and those that have none."""
+        found: list[Resolved] = []
+        unknown: list[Recipient] = []
+        for recipient in recipients:
+            boxes = self.mailboxes_of(recipient)
+            if boxes:
+                found.append((recipient, boxes))
+            else:
+                unknown.append(recipient)
+        return found, unknown
+
     def deliver(
         self,
         message_id: str,
         reverse_path: Address | None,
-        recipients: Sequence[Recipient],
+        recipients: Sequence[Resolved],
         content: bytes,
-    ) -> Deferred[dict[int, list[tuple[Mailbox, OSError]]]]:
+    ) -> Deferred[dict[int, list[Miss]]]:
         """
-        Store one copy per distinct Maildir.  Fire with the recipients, by
-        their index in ``recipients``, that did not get every copy: the
-        Maildirs that failed and why; an empty dict when all were stored.
-        Fail only when nothing could be done at all.
+        Store one copy per distinct Maildir of ``recipients`` (from
+        ``resolved``).  Fire with the recipients, by their index, that did
+        not get every copy: the Maildirs that failed and why; an empty dict
+        when all were stored.  Fail only when nothing could be done at all.
         """
         # Maildir -> (the mailbox, the recipient its copy names, the
         # indices of every recipient whose copies go there).
         targets: dict[str, tuple[Mailbox, Address, list[int]]] = {}
-        for index, recipient in enumerate(recipients):
-            for mailbox in self.mailboxes_of(recipient):
+        for index, (recipient, mailboxes) in enumerate(recipients):
+            for mailbox in mailboxes:
                 path = mailbox.maildir(self.root)
                 entry = targets.setdefault(path, (mailbox, recipient.address, []))
                 entry[2].append(index)
@@ -143,8 +161,8 @@ class LocalStore:
         ]
         deferred = self.commit.submit(jobs)
 
-        def settled(errors: JobErrors) -> dict[int, list[tuple[Mailbox, OSError]]]:
-            failed: dict[int, list[tuple[Mailbox, OSError]]] = {}
+        def settled(errors: JobErrors) -> dict[int, list[Miss]]:
+            failed: dict[int, list[Miss]] = {}
             for path, error in zip(paths, errors, strict=True):
                 mailbox, _, indices = targets[path]
                 if error is not None:
@@ -157,7 +175,7 @@ class LocalStore:
                     maillog.info(
                         "{message_id}: delivered to=<{recipient}> maildir={maildir}",
                         message_id=message_id,
-                        recipient=str(recipients[index].address),
+                        recipient=str(recipients[index][0].address),
                         maildir=path,
                     )
             return failed
@@ -193,22 +211,20 @@ class Router:
         # A local recipient with no Maildir now (its alias was removed by a
         # reload since RCPT) goes to the spool, whose agent reports it as
         # unknown to the sender: it is never dropped unsaid.
-        unknown = [r for r in local if not self.local.mailboxes_of(r)]
-        if unknown:
-            others += unknown
-            local = [r for r in local if r not in unknown]
+        resolved, unknown = self.local.resolved(local)
+        others += unknown
         if others and self.queue is None:
             return replies.LOCAL_ERROR
 
-        if local:
+        if resolved:
             try:
                 failed = await self.local.deliver(
-                    envelope.message_id, envelope.reverse_path, local, content
+                    envelope.message_id, envelope.reverse_path, resolved, content
                 )
             except OSError as batch_error:
                 failed = {
-                    index: [(box, batch_error) for box in self.local.mailboxes_of(r)]
-                    for index, r in enumerate(local)
+                    index: [(box, batch_error) for box in boxes]
+                    for index, (_, boxes) in enumerate(resolved)
                 }
             if failed and self.queue is None:
                 raise next(
@@ -216,30 +232,22 @@ class Router:
                 )
             # A Maildir several recipients lead to is queued once, under the
             # first of them, as it is written once.
-            queued: set[str] = set()
+            covered: set[str] = set()
             for index, misses in sorted(failed.items()):
-                recipient = local[index]
+                recipient, boxes = resolved[index]
                 _log_missing(envelope.message_id, recipient, misses)
                 # Only what is missing goes to the spool: the Maildirs that
                 # were written are not written again.
-                boxes = [
-                    box
-                    for box, _ in misses
-                    if box.maildir(self.local.root) not in queued
-                ]
-                if not boxes:
-                    continue
-                queued |= {box.maildir(self.local.root) for box in boxes}
-                others = others + _to_retry(recipient, boxes, self.local.mailboxes_of)
+                missing = _uncovered(misses, covered, self.local.root)
+                if missing:
+                    others = others + _to_retry(recipient, missing, boxes)
         if others:
             assert self.queue is not None
             await self.queue.enqueue(_with_recipients(envelope, others), content)
         return replies.OK
 
 
-def _log_missing(
-    message_id: str, recipient: Recipient, misses: list[tuple[Mailbox, OSError]]
-) -> None:
+def _log_missing(message_id: str, recipient: Recipient, misses: list[Miss]) -> None:
     for _, problem in misses:
         maillog.warn(
             "{message_id}: maildir write failed for <{recipient}>"
@@ -250,18 +258,27 @@ def _log_missing(
         )
 
 
+def _uncovered(misses: list[Miss], covered: set[str], root: str) -> list[Mailbox]:
+    """
+    The failed Maildirs no other recipient's retry covers yet; from now on
+    they are covered.
+    """
+    missing = [box for box, _ in misses if box.maildir(root) not in covered]
+    covered.update(box.maildir(root) for box in missing)
+    return missing
+
+
 def _to_retry(
-    recipient: Recipient,
-    missing: list[Mailbox],
-    mailboxes_of: Callable[[Recipient], Sequence[Mailbox]],
+    recipient: Recipient, missing: list[Mailbox], boxes: Sequence[Mailbox]
 ) -> list[Recipient]:
     """
-    What the spool retries for a local recipient with Maildirs ``missing``:
+    What the spool retries for a local recipient (whose Maildirs are
+    ``boxes``) with Maildirs ``missing``:
     the recipient itself when it has one Maildir; else one ``Route.MAILBOX``
     recipient for each missing Maildir, with the original recipient as its
     ORCPT (RFC 3461 section 4.2), so that a retry writes only those.
     """
-    if len(mailboxes_of(recipient)) <= 1:
+    if len(boxes) <= 1:
         return [recipient]
     orcpt = recipient.orcpt or f"rfc822;{encode_xtext(str(recipient.address))}"
     return [
@@ -331,11 +348,9 @@ class LocalFirstAgent:
         # Maildir of an alias, not to be expanded again).
         routes = {r.address: r for r in envelope.recipients}
         targets = [routes.get(a) or Recipient(a, Route.LOCAL) for a in recipients]
-        known = [r for r in targets if self.local.mailboxes_of(r)]
+        known, unknown = self.local.resolved(targets)
         results = [
-            RecipientResult(r.address, replies.NO_SUCH_USER, "local")
-            for r in targets
-            if r not in known
+            RecipientResult(r.address, replies.NO_SUCH_USER, "local") for r in unknown
         ]
         try:
             failed = await self.local.deliver(
@@ -351,47 +366,45 @@ class LocalFirstAgent:
         covered: set[str] = set()
         # First the recipients none of whose copies were written: each is
         # tried again whole, so its Maildirs are covered.
-        for index, recipient in enumerate(known):
+        for index, (recipient, boxes) in enumerate(known):
             misses = failed.get(index)
             if misses is None:
                 outcome[index] = DELIVERED
-            elif not misses or len(misses) >= len(self.local.mailboxes_of(recipient)):
+            elif not misses or len(misses) >= len(boxes):
                 _log_missing(envelope.message_id, recipient, misses)
-                covered |= {box.maildir(self.local.root) for box, _ in misses}
+                _uncovered(misses, covered, self.local.root)
                 outcome[index] = replies.STORAGE_FAILED
         # Then those with some copies written: the rest goes once, by itself.
-        for index, recipient in enumerate(known):
+        for index, (recipient, boxes) in enumerate(known):
             if index not in outcome:
                 misses = failed[index]
                 _log_missing(envelope.message_id, recipient, misses)
-                outcome[index] = await self._requeue_missing(
-                    recipient, misses, content, envelope, covered
+                missing = _uncovered(misses, covered, self.local.root)
+                outcome[index] = await self._requeue(
+                    recipient, missing, boxes, content, envelope
                 )
-        for index, recipient in enumerate(known):
+        for index, (recipient, _) in enumerate(known):
             results.append(RecipientResult(recipient.address, outcome[index], "local"))
         return results
 
-    async def _requeue_missing(
+    async def _requeue(
         self,
         recipient: Recipient,
-        misses: list[tuple[Mailbox, OSError]],
+        missing: list[Mailbox],
+        boxes: Sequence[Mailbox],
         content: bytes,
         envelope: Envelope,
-        covered: set[str],
     ) -> Reply:
         """
-        A recipient some of whose copies were written: the Maildirs still
-        missing, and not covered by another recipient's retry, are queued as
-        a message of their own, and the recipient is done.
+        A recipient some of whose copies were written: its ``missing``
+        Maildirs (those no other retry covers) are queued as a message of
+        their own, and the recipient is done.
         """
-        boxes = [
-            box for box, _ in misses if box.maildir(self.local.root) not in covered
-        ]
-        if not boxes:
+        if not missing:
             return DELIVERED
         if self.requeue is None:
             return replies.STORAGE_FAILED
-        retry = _to_retry(recipient, boxes, self.local.mailboxes_of)
+        retry = _to_retry(recipient, missing, boxes)
         rest = dataclasses.replace(envelope, recipients=retry, message_id="")
         try:
             queue_id = await self.requeue(rest, content)
@@ -401,7 +414,6 @@ class LocalFirstAgent:
                 message_id=envelope.message_id,
             )
             return replies.STORAGE_FAILED
-        covered |= {box.maildir(self.local.root) for box in boxes}
         return DELIVERED.with_text(
-            f"{DELIVERED.text}; {len(boxes)} more queued as {queue_id}"
+            f"{DELIVERED.text}; {len(missing)} more queued as {queue_id}"
         )
