@@ -88,7 +88,7 @@ def fill_spool(directory: Path, count: int, size: int) -> None:
     store = SpoolStore(str(directory))
     store.prepare()
     now = time.time()
-    batch: list[str] = []
+    batch: list[tuple[QueuedMessage, bytes]] = []
     for number in range(count):
         content = message_content(number, size)
         message = QueuedMessage(
@@ -99,13 +99,18 @@ def fill_spool(directory: Path, count: int, size: int) -> None:
             size=len(content),
             next_attempt=now,
         )
-        store.write_temp(message, content)
-        batch.append(message.message_id)
+        batch.append((message, content))
         if len(batch) == COMMIT_BATCH:
-            store.commit(batch)
+            _store(store, batch)
             batch = []
     if batch:
-        store.commit(batch)
+        _store(store, batch)
+
+
+def _store(store: SpoolStore, batch: list[tuple[QueuedMessage, bytes]]) -> None:
+    errors = [error for error in store.store_new(batch) if error is not None]
+    if errors:
+        raise errors[0]
 
 
 def measure(options: argparse.Namespace, workdir: Path) -> QueuedResult:

@@ -173,8 +173,7 @@ class QueueTool:
     def show(self, message_id: str) -> None:
         message = self._load(message_id)
         try:
-            with open(self.store.content_path(message_id), "rb") as file:
-                headers = split_headers(file.read())
+            headers = split_headers(self.store.read_content(message_id))
         except FileNotFoundError:
             raise CommandError(f"no such message {message_id}") from None
         self._print(format_show(message, headers))

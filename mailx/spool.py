@@ -1,22 +1,25 @@
 """
 The spool: a persistent, crash-safe queue of messages to pass on.
 
-Theory of operation.  A message lives in three directories under the spool
-directory: ``tmp/`` while it is written, then ``content/ID`` (the message as
-received) and ``envelope/ID`` (a ``QueuedMessage`` as JSON).  The envelope is
-renamed into place last, after the content is durable: an envelope file is
-the commit point, so a crash leaves either a whole message or files that
-recovery removes (anything in ``tmp/``, a content file with no envelope).
+Theory of operation.  A committed message is one file, ``message/ID``: a
+first line, the message's envelope (a ``QueuedMessage`` as JSON) and its
+content as received.  It is written in ``free/`` and renamed into
+``message/`` only once durable: the rename is the commit point, so a crash
+leaves either a whole message or a file in ``free/``, which is never
+delivered.  Later changes to the envelope go to ``envelope/ID``, which wins
+over the one in the message file.
 
 ``enqueue`` joins a group commit: one worker call takes every message waiting
-to be stored, writes its two temporary files without syncing them, makes them
-all durable with one ``syncfs(2)`` (``mailx.durable``), renames every content
-file into place and syncs again, then renames every envelope into place and
-syncs a third time.  Three syncs serve the whole batch, and the ordering
-holds: a content file is durable before its envelope is renamed, and the
-envelope rename is durable before the Deferred fires, so no 250 goes out
-before its message is durable.  Finished messages leave in batches the same
-way: every envelope unlinked, one sync, then the contents.
+to be stored, writes each one's file without syncing it, makes them all
+durable with one ``syncfs(2)`` (``mailx.durable``), renames every file into
+``message/`` and syncs again.  Two syncs serve the whole batch, and the
+ordering holds: a file is durable before it is renamed, and the rename is
+durable before the Deferred fires, so no 250 goes out before its message is
+durable.  Finished messages leave in batches the same way: every file
+renamed back into ``free/``, one sync.  The files in ``free/`` are
+overwritten by later messages instead of being unlinked and created again
+(``POOL_FILES``), which spares the file system an inode freed and one
+allocated per message (issue 7).
 
 A message's first attempt uses the envelope and content it was enqueued with,
 kept in memory (within ``FRESH_CONTENT_LIMIT``), instead of reading them back.
@@ -34,7 +37,7 @@ import os
 import random
 import re
 import socket
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
@@ -153,27 +156,63 @@ class MessageHeld(Exception):
     """The message is on hold; release it first."""
 
 
-def _write_unsynced(path: str, data: bytes) -> None:
-    """Write ``data`` to a new file at ``path``; a group sync follows."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
+def _write_all(fd: int, parts: Sequence[bytes]) -> int:
+    """Write ``parts`` one after the other from the start of ``fd``."""
+    offset = 0
+    for part in parts:
+        view = memoryview(part)
         while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
+            written = os.pwrite(fd, view, offset)
+            offset += written
+            view = view[written:]
+    return offset
 
 
 def _write_synced(path: str, data: bytes) -> None:
     """Write ``data`` to a new file at ``path``, flushed and fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, [data])
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# A message file begins with this line, which gives the length of the
+# envelope (JSON) that follows it; the message content follows the envelope
+# to the end of the file.
+MESSAGE_MAGIC = b"mailx-spool 2 "
+# The longest first line read back: the magic, a length and the newline.
+MESSAGE_HEAD_MAX = 64
+
+
+def message_head(envelope_json: bytes) -> bytes:
+    """The first line and envelope of a message file."""
+    return MESSAGE_MAGIC + b"%d\n" % len(envelope_json) + envelope_json
+
+
+def _parse_head(data: bytes) -> tuple[int, int]:
+    """
+    Where the envelope of a message file starts and ends, from the file's
+    first octets.  ValueError if they are not a message file's.
+    """
+    end = data.find(b"\n", 0, MESSAGE_HEAD_MAX)
+    if end < 0 or not data.startswith(MESSAGE_MAGIC):
+        raise ValueError("not a mailx spool message file")
+    length = data[len(MESSAGE_MAGIC) : end]
+    if not length.isdigit():
+        raise ValueError("not a mailx spool message file")
+    return end + 1, end + 1 + int(length)
+
+
+# Removed message files kept for reuse (issue 7).  Creating a file and
+# unlinking one each allocate or free an inode, and on ext4 both wait for
+# the journal commit that the last sync started (130 to 210 us each under
+# load, against 8 us for a rename); overwriting a kept file and renaming it
+# does neither.  At most POOL_FILES are kept, none larger than
+# POOL_FILE_LIMIT octets, so the pool holds at most 16 MiB of disk.
+POOL_FILES = 256
+POOL_FILE_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -193,6 +232,15 @@ class SpoolStore:
     point's name before and after each step that matters to crash safety, so
     a test can kill the process there.  ``syncfs`` is ``durable.SYNCFS``
     unless a test gives another (None takes the fsync-per-file path).
+
+    Layout: ``message/ID`` is a committed message, one file: a first line
+    (``message_head``), its envelope as written at acceptance, then its
+    content.  ``envelope/ID``, when present, is a newer envelope written by
+    ``rewrite`` and wins over the one in the message file.  ``free/`` holds
+    files of removed messages kept for reuse, and new messages are written
+    there; whatever is in ``free/`` is never delivered.  Spools written by
+    earlier versions of mailx kept a message as ``envelope/ID`` and
+    ``content/ID``; such messages are still read, delivered and removed.
     """
 
     def __init__(
@@ -203,26 +251,35 @@ class SpoolStore:
     ) -> None:
         self.directory = directory
         self.tmp = os.path.join(directory, "tmp")
-        self.content = os.path.join(directory, "content")
+        self.message = os.path.join(directory, "message")
         self.envelope = os.path.join(directory, "envelope")
+        self.free = os.path.join(directory, "free")
+        # The content of messages written by mailx before the message files.
+        self.content = os.path.join(directory, "content")
         # Messages whose envelope cannot be read: kept for the operator.
         self.corrupt = os.path.join(directory, "corrupt")
         self._fault_hook = fault_hook
         self._syncfs = syncfs
+        # Names in free/ ready to be overwritten.  Commits and removals run
+        # in different threads: deque's append and pop are atomic.
+        self._pool: deque[str] = deque()
 
     def _fault(self, point: str) -> None:
         if self._fault_hook is not None:
             self._fault_hook(point)
 
     def prepare(self) -> None:
-        for path in (self.tmp, self.content, self.envelope):
+        for path in (self.tmp, self.message, self.envelope, self.free):
             os.makedirs(path, mode=0o700, exist_ok=True)
 
-    def content_path(self, message_id: str) -> str:
-        return os.path.join(self.content, message_id)
+    def message_path(self, message_id: str) -> str:
+        return os.path.join(self.message, message_id)
 
     def envelope_path(self, message_id: str) -> str:
         return os.path.join(self.envelope, message_id)
+
+    def content_path(self, message_id: str) -> str:
+        return os.path.join(self.content, message_id)
 
     def _temp(self, message_id: str, part: str) -> str:
         return os.path.join(self.tmp, f"{message_id}.{part}")
@@ -231,94 +288,137 @@ class SpoolStore:
         self, messages: Sequence[tuple[QueuedMessage, bytes]]
     ) -> list[OSError | None]:
         """
-        Store new messages as one group commit: write each one's temporary
-        files, then ``commit`` all that were written.  Return, per message in
-        order, the error that kept it from being written, or None.  A failure
-        of the commit itself raises, and no message of the batch counts as
-        stored (``discard`` cleans up after it).
+        Store new messages as one group commit: write each one's file in
+        ``free/``, then ``commit`` all that were written.  Return, per message
+        in order, the error that kept it from being written, or None.  A
+        failure of the commit itself raises, and no message of the batch
+        counts as stored (``discard`` cleans up after it).
         """
         results: list[OSError | None] = []
-        written: list[str] = []
+        written: list[tuple[str, str]] = []
         for message, content in messages:
             try:
-                self.write_temp(message, content)
+                slot = self.write_free(message, content)
             except OSError as error:
-                # Best effort: the write error is the news, not the clean-up.
-                with contextlib.suppress(OSError):
-                    self.discard(message.message_id)
                 results.append(error)
                 continue
             results.append(None)
-            written.append(message.message_id)
+            written.append((message.message_id, slot))
         self._fault("written")
         if written:
             self.commit(written)
         return results
 
-    def write_temp(self, message: QueuedMessage, content: bytes) -> None:
-        """Write a new message's two files under ``tmp/``, not yet synced."""
-        _write_unsynced(self._temp(message.message_id, "content"), content)
-        _write_unsynced(self._temp(message.message_id, "envelope"), message.to_json())
-
-    def commit(self, message_ids: list[str]) -> None:
+    def write_free(self, message: QueuedMessage, content: bytes) -> str:
         """
-        Make written messages durable and move them into place, with three
-        syncs for the whole batch: the temporary files, then every content
-        renamed into place, then every envelope renamed into place (the
-        commit point).  Each rename happens only after what it names is
-        durable.
+        Write a new message's file in ``free/``, not yet synced: a kept file
+        overwritten, or a new one.  Return its name there.
         """
-        self._sync_temps(message_ids)
-        self._fault("synced")
+        try:
+            slot = self._pool.pop()
+        except IndexError:
+            slot = message.message_id
+        path = os.path.join(self.free, slot)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                size = _write_all(fd, [message_head(message.to_json()), content])
+                # A kept file longer than this message is cut to its length.
+                if os.fstat(fd).st_size > size:
+                    os.ftruncate(fd, size)
+                if self._syncfs is None:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            # Best effort: the write error is the news, not the clean-up.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return slot
 
-        for message_id in message_ids:
-            os.replace(self._temp(message_id, "content"), self.content_path(message_id))
-        self._fault("content-renamed")
-        durable.sync_directories([self.content], self._syncfs)
-        self._fault("content-committed")
-
-        for message_id in message_ids:
-            os.replace(
-                self._temp(message_id, "envelope"), self.envelope_path(message_id)
-            )
-        self._fault("envelope-renamed")
-        durable.sync_directories([self.envelope], self._syncfs)
-        self._fault("committed")
-
-    def _sync_temps(self, message_ids: list[str]) -> None:
+    def commit(self, written: Sequence[tuple[str, str]]) -> None:
+        """
+        Make written messages durable and move them into place, with two
+        syncs for the whole batch: the files in ``free/``, then every file
+        renamed to ``message/ID`` (the commit point).  A file is renamed only
+        after its content is durable, so ``message/`` never names a file
+        with another message's octets in it, or half of this one's.
+        """
         if self._syncfs is not None:
-            # One syncfs of the file system tmp/ is on covers every file.
-            durable.sync_directories([self.tmp], self._syncfs)
-            return
-        for message_id in message_ids:
-            for part in ("content", "envelope"):
-                fd = os.open(self._temp(message_id, part), os.O_RDONLY)
-                try:
-                    durable.sync_files([fd], None)
-                finally:
-                    os.close(fd)
+            # One syncfs of the file system covers every file written.
+            durable.sync_directories([self.free], self._syncfs)
+        self._fault("synced")
+        for message_id, slot in written:
+            os.replace(os.path.join(self.free, slot), self.message_path(message_id))
+        self._fault("renamed")
+        durable.sync_directories([self.message, self.free], self._syncfs)
+        self._fault("committed")
 
     def discard(self, message_id: str) -> None:
         """Remove whatever a failed enqueue left of a message."""
         for path in (
+            self.message_path(message_id),
             self.envelope_path(message_id),
             self.content_path(message_id),
-            self._temp(message_id, "envelope"),
-            self._temp(message_id, "content"),
+            os.path.join(self.free, message_id),
         ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
+    def _read_message_file(self, message_id: str, whole: bool) -> tuple[bytes, bytes]:
+        """The envelope in a message file and, if ``whole``, its content."""
+        with open(self.message_path(message_id), "rb") as file:
+            data = file.read() if whole else file.read(4096)
+            start, end = _parse_head(data)
+            if not whole and end > len(data):
+                data += file.read(end - len(data))
+        if end > len(data):
+            raise ValueError(f"message file {message_id} is cut short")
+        return data[start:end], data[end:] if whole else b""
+
+    def _read_override(self, message_id: str) -> QueuedMessage | None:
+        try:
+            with open(self.envelope_path(message_id), "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            return None
+        return QueuedMessage.from_json(data)
+
     def load(self, message_id: str) -> QueuedMessage:
-        with open(self.envelope_path(message_id), "rb") as file:
-            return QueuedMessage.from_json(file.read())
+        message = self._read_override(message_id)
+        if message is not None:
+            return message
+        envelope, _ = self._read_message_file(message_id, whole=False)
+        return QueuedMessage.from_json(envelope)
 
     def read_content(self, message_id: str) -> bytes:
+        try:
+            return self._read_message_file(message_id, whole=True)[1]
+        except FileNotFoundError:
+            pass
         with open(self.content_path(message_id), "rb") as file:
             return file.read()
 
     def load_with_content(self, message_id: str) -> tuple[QueuedMessage, bytes]:
-        return self.load(message_id), self.read_content(message_id)
+        """
+        A message's envelope and content.  ValueError if they cannot be read
+        or the content is not as long as it was when accepted.
+        """
+        override = self._read_override(message_id)
+        try:
+            envelope, content = self._read_message_file(message_id, whole=True)
+        except FileNotFoundError:
+            if override is None:
+                raise
+            with open(self.content_path(message_id), "rb") as file:
+                content = file.read()
+            message = override
+        else:
+            message = override or QueuedMessage.from_json(envelope)
+        if len(content) != message.size:
+            raise ValueError(f"message {message_id} has {len(content)} octets")
+        return message, content
 
     def rewrite(self, message: QueuedMessage) -> None:
         """Replace a message's envelope atomically and durably."""
@@ -330,41 +430,88 @@ class SpoolStore:
         self._fault("rewritten")
 
     def remove(self, message_id: str) -> bool:
-        """Remove a message, envelope first; False if it was not there."""
+        """Remove a message; False if it was not there."""
         return self.remove_batch([message_id])[0]
 
     def remove_batch(self, message_ids: Sequence[str]) -> list[bool]:
         """
-        Remove messages: every envelope, made durable by one sync, then the
-        contents (a content file left by a crash is removed by recovery).
-        Return, per message in order, False if it was not there.
+        Remove messages: every message file moved to ``free/`` (or, for a
+        message of an earlier version, its envelope unlinked), made durable
+        by one sync; then a newer envelope and old content files, which
+        recovery removes if a crash leaves them.  Return, per message in
+        order, False if it was not there.
         """
         self._fault("remove")
         found: list[bool] = []
+        freed: list[str] = []
+        unlinked = False
         for message_id in message_ids:
+            try:
+                os.replace(
+                    self.message_path(message_id), os.path.join(self.free, message_id)
+                )
+            except FileNotFoundError:
+                pass
+            else:
+                found.append(True)
+                freed.append(message_id)
+                continue
             try:
                 os.unlink(self.envelope_path(message_id))
             except FileNotFoundError:
                 found.append(False)
             else:
                 found.append(True)
-        if any(found):
-            durable.sync_directories([self.envelope], self._syncfs)
+                unlinked = True
+        # Only the directories changed: a queue that only an earlier mailx
+        # has run on has no message/ or free/ yet (``mailx queue delete``).
+        touched = [self.message, self.free] if freed else []
+        if unlinked:
+            touched.append(self.envelope)
+        if touched:
+            durable.sync_directories(touched, self._syncfs)
         self._fault("removed")
 
         for message_id, was_there in zip(message_ids, found, strict=True):
             if was_there:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.content_path(message_id))
+                for path in (
+                    self.envelope_path(message_id),
+                    self.content_path(message_id),
+                ):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        for name in freed:
+            self._keep(name)
         return found
+
+    def _keep(self, name: str) -> None:
+        """Keep the file ``free/name`` for reuse, or unlink it."""
+        path = os.path.join(self.free, name)
+        try:
+            if (
+                len(self._pool) < POOL_FILES
+                and os.stat(path).st_size <= POOL_FILE_LIMIT
+            ):
+                self._pool.append(name)
+                return
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def _names(self, directory: str) -> set[str]:
+        try:
+            return {
+                entry.name
+                for entry in os.scandir(directory)
+                if QUEUE_ID.fullmatch(entry.name)
+            }
+        except FileNotFoundError:
+            return set()
 
     def ids(self) -> list[str]:
         """The ids of every committed message, in arrival order of the id."""
-        return sorted(
-            entry.name
-            for entry in os.scandir(self.envelope)
-            if QUEUE_ID.fullmatch(entry.name)
-        )
+        old = self._names(self.envelope) & self._names(self.content)
+        return sorted(self._names(self.message) | old)
 
     def recover(self) -> tuple[list[Recovered], list[str]]:
         """
@@ -376,37 +523,58 @@ class SpoolStore:
         for entry in os.scandir(self.tmp):
             os.unlink(entry.path)
             removed.append(os.path.join("tmp", entry.name))
+        # Files in free/ are never messages, whatever they hold.
+        self._pool.clear()
+        for entry in os.scandir(self.free):
+            self._keep(entry.name)
 
-        envelopes = {entry.name for entry in os.scandir(self.envelope)}
-        contents = {entry.name for entry in os.scandir(self.content)}
+        messages = self._names(self.message)
+        envelopes = self._names(self.envelope)
+        contents = self._names(self.content)
         # A content file without its envelope was never committed.
         for name in sorted(contents - envelopes):
             os.unlink(self.content_path(name))
             removed.append(os.path.join("content", name))
-        # An envelope without content cannot be delivered: it goes to tmp/,
-        # logged here and removed at the next start.
-        for name in sorted(envelopes - contents):
+        # An envelope without content cannot be delivered (or is the newer
+        # envelope of a message whose removal a crash cut short): it goes to
+        # tmp/, logged here and removed at the next start.
+        for name in sorted(envelopes - contents - messages):
             os.replace(self.envelope_path(name), self._temp(name, "orphan"))
             removed.append(os.path.join("envelope", name))
 
         found = []
-        for name in sorted(envelopes & contents):
+        for name in sorted(messages | (envelopes & contents)):
             try:
-                message = self.load(name)
+                message = self._read_override(name)
+                if name in messages:
+                    # Read even when a newer envelope wins over it: a message
+                    # file that cannot be read is never delivered.
+                    head, _ = self._read_message_file(name, whole=False)
+                    message = message or QueuedMessage.from_json(head)
+                if message is None:
+                    raise FileNotFoundError(self.envelope_path(name))
             except (OSError, ValueError):
-                # Never deleted unread: both files go aside, out of the queue.
-                os.makedirs(self.corrupt, mode=0o700, exist_ok=True)
-                for kind, path in (
-                    ("envelope", self.envelope_path(name)),
-                    ("content", self.content_path(name)),
-                ):
-                    os.replace(path, os.path.join(self.corrupt, f"{name}.{kind}"))
-                removed.append(os.path.join("envelope", name))
+                # Never deleted unread: its files go aside, out of the queue.
+                self.set_aside(name)
+                removed.append(
+                    os.path.join("message" if name in messages else "envelope", name)
+                )
                 continue
             found.append(
                 Recovered(name, message.next_attempt, message.hold, message.arrival)
             )
         return found, removed
+
+    def set_aside(self, name: str) -> None:
+        """Move every file of a message to ``corrupt/``, out of the queue."""
+        os.makedirs(self.corrupt, mode=0o700, exist_ok=True)
+        for kind, path in (
+            ("message", self.message_path(name)),
+            ("envelope", self.envelope_path(name)),
+            ("content", self.content_path(name)),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, os.path.join(self.corrupt, f"{name}.{kind}"))
 
 
 def new_queue_id(now: float) -> str:
@@ -728,6 +896,17 @@ class Spool(Service):
         except FileNotFoundError:
             log.warn("queued message {message_id} vanished", message_id=message_id)
             self.schedule.remove(message_id)
+            return
+        except ValueError:
+            # Damaged on disk since recovery read it: retrying cannot mend
+            # it, so it goes where recovery puts unreadable messages.
+            await self._run_io(lambda: self.store.set_aside(message_id))
+            self.schedule.remove(message_id)
+            maillog.warn(
+                "took {name} out of the queue (partial, orphaned or unreadable;"
+                " unreadable ones are kept in corrupt/)",
+                name=f"message/{message_id}",
+            )
             return
         message, content = fresh
         if message.hold:

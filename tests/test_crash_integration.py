@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from mailx.spool import SpoolStore
 from tests.mailxproc import MailxProcess, free_port, toml_list
 
 pytestmark = pytest.mark.integration
@@ -316,7 +317,7 @@ def maildir_copies(b: MailxProcess) -> list[Copy]:
 
 
 def queue_size(a: MailxProcess) -> int:
-    return len(list((a.workdir / "var/mailx/queue/envelope").iterdir()))
+    return len(SpoolStore(str(a.workdir / "var/mailx/queue")).ids())
 
 
 def drain(a: MailxProcess, b: MailxProcess) -> None:

@@ -92,8 +92,7 @@ class Setup:
         self.clock.advance(MIN_RETRY * 1.5)
 
     def queued(self) -> list[str]:
-        envelopes = self.spool.store.envelope
-        return sorted(path.name for path in Path(envelopes).iterdir())
+        return self.spool.store.ids()
 
 
 def test_only_the_failed_recipient_is_queued_and_retried(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from mailx.auth import hash_password
+from mailx.spool import SpoolStore
 from tests.mailxproc import MailxProcess, free_port, toml_list
 from tests.peers import run_swaks, swaks_available
 from tests.smtppeer import make_tls_identity
@@ -59,10 +60,8 @@ class Exchanger:
         return context
 
     def queued_contents(self) -> list[bytes]:
-        content = self.process.workdir / "var/mailx/queue/content"
-        if not content.is_dir():
-            return []
-        return [path.read_bytes() for path in sorted(content.iterdir())]
+        store = SpoolStore(str(self.process.workdir / "var/mailx/queue"))
+        return [store.read_content(message_id) for message_id in store.ids()]
 
     def wait_for_log(self, text: str) -> str:
         deadline = time.monotonic() + LOG_WAIT

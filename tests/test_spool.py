@@ -6,7 +6,7 @@ import email
 import email.policy
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -15,9 +15,7 @@ from typing import Any, TypeVar
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailx import replies
 from mailx.address import Address
@@ -108,32 +106,6 @@ DEFERRED = Reply(450, "4.2.0", "Mailbox busy")
 REFUSED = Reply(550, "5.1.1", "No such user")
 
 
-@implementer(ILogObserver)
-class MailLogObserver:
-    """Keeps the text of every mail log event."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        if event.get("log_namespace") == "mailx.mail":
-            self.lines.append(formatEvent(event))
-
-
-@pytest.fixture
-def mail_log() -> Iterator[list[str]]:
-    """The mail log lines emitted during a test."""
-    observer = MailLogObserver()
-    globalLogPublisher.addObserver(observer)
-    yield observer.lines
-    globalLogPublisher.removeObserver(observer)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
 @pytest.fixture
 def agent(clock: Clock) -> ScriptedAgent:
     return ScriptedAgent(clock)
@@ -182,7 +154,7 @@ def result_of(deferred: Deferred[_T]) -> _T:
 
 
 def queued_ids(path: Path) -> list[str]:
-    return sorted(os.listdir(path / "envelope"))
+    return sorted(os.listdir(path / "message"))
 
 
 def reports(agent: ScriptedAgent) -> list[tuple[Call, EmailMessage]]:
@@ -208,11 +180,14 @@ def status_blocks(report: EmailMessage) -> list[Any]:
 
 
 def test_enqueue_stores_content_and_envelope(tmp_path: Path, clock: Clock) -> None:
-    """An enqueued message's content and envelope are on disk under its id."""
+    """An enqueued message's content and envelope are on disk under its id,
+    in one file."""
     spool = make_spool(tmp_path, clock, ScriptedAgent(clock))
     message_id = result_of(spool.enqueue(envelope("bob"), CONTENT))
 
-    assert (tmp_path / "content" / message_id).read_bytes() == CONTENT
+    assert os.listdir(tmp_path / "message") == [message_id]
+    assert (tmp_path / "message" / message_id).read_bytes().endswith(CONTENT)
+    assert SpoolStore(str(tmp_path)).read_content(message_id) == CONTENT
     stored = SpoolStore(str(tmp_path)).load(message_id)
     assert stored.reverse_path == SENDER
     assert [str(r.address) for r in stored.recipients] == ["bob@example.com"]
@@ -254,8 +229,8 @@ class ManualIO:
 
 
 def test_enqueue_fires_only_after_the_rename(tmp_path: Path, clock: Clock) -> None:
-    """The queue id is given only once the envelope is renamed into place and
-    that rename is durable, not at any earlier step of the commit."""
+    """The queue id is given only once the message file is renamed into place
+    and that rename is durable, not at any earlier step of the commit."""
     io = ManualIO()
     fired: list[str] = []
     seen: list[tuple[str, int, list[str]]] = []
@@ -275,12 +250,11 @@ def test_enqueue_fires_only_after_the_rename(tmp_path: Path, clock: Clock) -> No
     assert [(point, count) for point, count, _ in seen] == [
         ("written", 0),
         ("synced", 0),
-        ("content-renamed", 0),
-        ("content-committed", 0),
-        ("envelope-renamed", 0),
+        ("renamed", 0),
         ("committed", 0),
     ]
-    assert [ids for point, _, ids in seen if point == "envelope-renamed"] == [fired]
+    assert [ids for point, _, ids in seen if point == "synced"] == [[]]
+    assert [ids for point, _, ids in seen if point == "renamed"] == [fired]
 
 
 def test_messages_arriving_together_share_one_commit(
@@ -316,7 +290,7 @@ def test_enqueue_fails_with_451_when_storage_fails(
     """A storage failure fails enqueue with 451 4.3.0 and leaves no files."""
 
     def broken(point: str) -> None:
-        if point == "content-committed":
+        if point == "renamed":
             raise OSError(28, "No space left on device")
 
     spool = make_spool(tmp_path, clock, ScriptedAgent(clock), fault_hook=broken)
@@ -325,7 +299,7 @@ def test_enqueue_fails_with_451_when_storage_fails(
 
     assert caught.value.reply == replies.STORAGE_FAILED
     assert queued_ids(tmp_path) == []
-    assert os.listdir(tmp_path / "content") == []
+    assert os.listdir(tmp_path / "envelope") == []
     assert os.listdir(tmp_path / "tmp") == []
 
 
@@ -696,14 +670,17 @@ def test_recovery_schedules_every_message_and_removes_partials(
     tmp_path: Path, clock: Clock, agent: ScriptedAgent
 ) -> None:
     """A new spool on the same directory schedules every message and removes
-    what a crash left half written."""
+    what a crash left half written; a file never committed is not a message."""
     agent.script = {"bob": [DEFERRED]}
     first = make_spool(tmp_path, clock, agent)
     first.startService()
     ids = [result_of(first.enqueue(envelope("bob"), CONTENT)) for _ in range(3)]
     result_of(first.stopService())
-    (tmp_path / "tmp" / "X1.content").write_bytes(b"half")
-    (tmp_path / "content" / "X2").write_bytes(b"never committed")
+    (tmp_path / "tmp" / "X1.rewrite").write_bytes(b"half")
+    (tmp_path / "free" / "X2").write_bytes(b"never committed")
+    # Content without its envelope, as an earlier mailx could leave it.
+    (tmp_path / "content").mkdir()
+    (tmp_path / "content" / "X3").write_bytes(b"never committed")
 
     later = Clock()
     later.advance(100)
@@ -715,7 +692,8 @@ def test_recovery_schedules_every_message_and_removes_partials(
     assert sorted(second.schedule.ids()) == sorted(ids)
     assert {second.schedule.next_attempt(i) for i in ids} == {MIN_RETRY}
     assert os.listdir(tmp_path / "tmp") == []
-    assert sorted(os.listdir(tmp_path / "content")) == sorted(ids)
+    assert os.listdir(tmp_path / "content") == []
+    assert queued_ids(tmp_path) == sorted(ids)
 
 
 def test_recovered_messages_are_delivered_when_due(
@@ -748,8 +726,7 @@ def test_lifetime_applies_to_messages_already_queued(
     store.prepare()
     message = QueuedMessage.from_envelope("OLD1", envelope("bob"), len(CONTENT), 0.0)
     message.next_attempt = 5000.0
-    store.write_temp(message, CONTENT)
-    store.commit(["OLD1"])
+    assert store.store_new([(message, CONTENT)]) == [None]
 
     spool = make_spool(tmp_path, clock, agent, lifetime=1000.0)
     spool.startService()
@@ -829,7 +806,7 @@ def test_delete_removes_without_report(
     result_of(spool.delete(message_id))
 
     assert queued_ids(tmp_path) == []
-    assert os.listdir(tmp_path / "content") == []
+    assert os.listdir(tmp_path / "envelope") == []
     clock.advance(LIFETIME)
     assert len(agent.calls) == 1
     assert f"deleted {message_id}" in mail_log
@@ -950,16 +927,25 @@ def test_an_unreadable_envelope_is_reported_in_the_mail_log(
     named in the mail log, where the operator looks."""
     store = SpoolStore(str(tmp_path))
     store.prepare()
-    (tmp_path / "envelope" / "BROKEN").write_bytes(b"{not json")
-    (tmp_path / "content" / "BROKEN").write_bytes(CONTENT)
+    (tmp_path / "message" / "BROKEN1").write_bytes(b"mailx-spool 2 9\n{not json")
+    # A message as an earlier mailx wrote it.
+    (tmp_path / "content").mkdir()
+    (tmp_path / "envelope" / "BROKEN2").write_bytes(b"{not json")
+    (tmp_path / "content" / "BROKEN2").write_bytes(CONTENT)
 
     spool = make_spool(tmp_path, clock, agent)
     spool.startService()
     assert [line for line in mail_log if line.startswith("took ")] == [
-        "took envelope/BROKEN out of the queue (partial, orphaned or unreadable;"
-        " unreadable ones are kept in corrupt/)"
+        "took message/BROKEN1 out of the queue (partial, orphaned or unreadable;"
+        " unreadable ones are kept in corrupt/)",
+        "took envelope/BROKEN2 out of the queue (partial, orphaned or unreadable;"
+        " unreadable ones are kept in corrupt/)",
     ]
-    assert (tmp_path / "corrupt" / "BROKEN.envelope").exists()
+    assert sorted(os.listdir(tmp_path / "corrupt")) == [
+        "BROKEN1.message",
+        "BROKEN2.content",
+        "BROKEN2.envelope",
+    ]
 
 
 def test_a_fault_in_the_last_attempt_still_expires_the_message(

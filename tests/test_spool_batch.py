@@ -7,12 +7,10 @@ attempt of a fresh message served from memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from mailx import durable, replies, spool
@@ -21,7 +19,6 @@ from mailx.replies import Reply, ReplyError
 from mailx.spool import SpoolStore, synchronous_io
 from tests.test_spool import (
     CONTENT,
-    MailLogObserver,
     ManualIO,
     ScriptedAgent,
     envelope,
@@ -29,20 +26,6 @@ from tests.test_spool import (
     queued_ids,
     result_of,
 )
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def mail_log() -> Iterator[list[str]]:
-    """The mail log lines emitted during a test."""
-    observer = MailLogObserver()
-    globalLogPublisher.addObserver(observer)
-    yield observer.lines
-    globalLogPublisher.removeObserver(observer)
 
 
 def listing(path: Path) -> list[str]:
@@ -60,7 +43,7 @@ class SyncRecorder:
         self.calls.append(
             {
                 name: listing(self.spool_dir / name)
-                for name in ("tmp", "content", "envelope")
+                for name in ("free", "message", "envelope")
             }
         )
 
@@ -69,9 +52,9 @@ def new_message(message_id: str) -> QueuedMessage:
     return QueuedMessage.from_envelope(message_id, envelope("bob"), len(CONTENT), 0.0)
 
 
-def test_commit_syncs_each_step_before_the_next(tmp_path: Path) -> None:
-    """Temporary files are synced before any content is renamed into place,
-    and every content rename before any envelope is."""
+def test_commit_syncs_each_file_before_it_is_renamed(tmp_path: Path) -> None:
+    """Message files are synced where they were written, in free/, before
+    any of them is renamed into message/, and the renames are synced."""
     syncs = SyncRecorder(tmp_path)
     store = SpoolStore(str(tmp_path), syncfs=syncs)
     store.prepare()
@@ -79,33 +62,29 @@ def test_commit_syncs_each_step_before_the_next(tmp_path: Path) -> None:
     results = store.store_new([(new_message(i), CONTENT) for i in ("A1", "A2")])
 
     assert results == [None, None]
-    temps = ["A1.content", "A1.envelope", "A2.content", "A2.envelope"]
     assert syncs.calls == [
-        {"tmp": temps, "content": [], "envelope": []},
-        {
-            "tmp": ["A1.envelope", "A2.envelope"],
-            "content": ["A1", "A2"],
-            "envelope": [],
-        },
-        {"tmp": [], "content": ["A1", "A2"], "envelope": ["A1", "A2"]},
+        {"free": ["A1", "A2"], "message": [], "envelope": []},
+        {"free": [], "message": ["A1", "A2"], "envelope": []},
     ]
 
 
-def test_a_batch_of_many_messages_costs_three_syncs(tmp_path: Path) -> None:
-    """Fifty messages stored together take three syncs, and their removal one."""
+def test_a_batch_of_many_messages_costs_two_syncs(tmp_path: Path) -> None:
+    """Fifty messages stored together take two syncs, and their removal one;
+    the removed files are kept for the next messages."""
     syncs = SyncRecorder(tmp_path)
     store = SpoolStore(str(tmp_path), syncfs=syncs)
     store.prepare()
     ids = [f"M{number}" for number in range(50)]
 
     store.store_new([(new_message(i), CONTENT) for i in ids])
-    assert len(syncs.calls) == 3
+    assert len(syncs.calls) == 2
     assert store.ids() == sorted(ids)
 
     assert store.remove_batch(ids) == [True] * 50
-    assert len(syncs.calls) == 4
-    assert syncs.calls[3]["envelope"] == []
-    assert listing(tmp_path / "content") == []
+    assert len(syncs.calls) == 3
+    assert syncs.calls[2]["message"] == []
+    assert store.ids() == []
+    assert listing(tmp_path / "free") == sorted(ids)
 
 
 def test_removal_reports_messages_that_were_not_there(tmp_path: Path) -> None:
@@ -118,7 +97,7 @@ def test_removal_reports_messages_that_were_not_there(tmp_path: Path) -> None:
 
     assert store.remove_batch(["GONE", "HERE"]) == [False, True]
     assert store.remove_batch(["GONE"]) == [False]
-    assert len(syncs.calls) == 4
+    assert len(syncs.calls) == 3
 
 
 def test_without_syncfs_every_file_is_synced(tmp_path: Path) -> None:
@@ -138,20 +117,20 @@ def test_without_syncfs_every_file_is_synced(tmp_path: Path) -> None:
 
 
 def test_a_message_that_cannot_be_written_fails_alone(tmp_path: Path) -> None:
-    """A message whose files cannot be written gets its error; the others of
+    """A message whose file cannot be written gets its error; the others of
     its batch are stored."""
     store = SpoolStore(str(tmp_path))
     store.prepare()
     # A link into a missing directory where the file should go: writing fails.
-    (tmp_path / "tmp" / "BAD.content").symlink_to(tmp_path / "missing" / "file")
+    (tmp_path / "free" / "BAD").symlink_to(tmp_path / "missing" / "file")
 
     results = store.store_new([(new_message(i), CONTENT) for i in ("OK1", "BAD")])
 
     assert results[0] is None
     assert isinstance(results[1], OSError)
     assert store.ids() == ["OK1"]
-    assert listing(tmp_path / "content") == ["OK1"]
-    assert listing(tmp_path / "tmp") == []
+    assert listing(tmp_path / "message") == ["OK1"]
+    assert listing(tmp_path / "free") == []
 
 
 def test_spool_refuses_only_the_message_that_failed(
@@ -161,7 +140,7 @@ def test_spool_refuses_only_the_message_that_failed(
     and the others their queue ids."""
     io = ManualIO()
     queue = make_spool(tmp_path, clock, ScriptedAgent(clock), run_io=io)
-    (tmp_path / "tmp" / "BAD.content").symlink_to(tmp_path / "missing" / "file")
+    (tmp_path / "free" / "BAD").symlink_to(tmp_path / "missing" / "file")
     given: dict[str, str] = {}
     refused: dict[str, Reply] = {}
 
@@ -185,7 +164,7 @@ def test_spool_refuses_only_the_message_that_failed(
     assert given == {"FIRST": "FIRST", "GOOD": "GOOD"}
     assert refused == {"BAD": replies.STORAGE_FAILED}
     assert queued_ids(tmp_path) == ["FIRST", "GOOD"]
-    assert listing(tmp_path / "tmp") == []
+    assert listing(tmp_path / "free") == []
 
 
 def test_a_failed_sync_refuses_the_whole_batch(
@@ -204,7 +183,7 @@ def test_a_failed_sync_refuses_the_whole_batch(
         result_of(queue.enqueue(envelope("bob"), CONTENT))
 
     assert caught.value.reply == replies.STORAGE_FAILED
-    for name in ("tmp", "content", "envelope"):
+    for name in ("tmp", "free", "message", "envelope"):
         assert listing(tmp_path / name) == []
 
 
@@ -237,7 +216,9 @@ def test_fresh_messages_beyond_the_bound_are_read_from_disk(
         given = envelope("bob", message_id=f"F{number}")
         result_of(queue.enqueue(given, CONTENT))
     # F0 is in delivery; F1 is the oldest of the three kept, so it is dropped.
-    (tmp_path / "content" / "F1").write_bytes(b"On disk.\r\n")
+    on_disk = b"On disk.".ljust(len(CONTENT) - 2, b".") + b"\r\n"
+    stored = tmp_path / "message" / "F1"
+    stored.write_bytes(stored.read_bytes()[: -len(CONTENT)] + on_disk)
 
     for _ in range(3):
         [address] = agent.calls[-1].recipients
@@ -245,7 +226,7 @@ def test_fresh_messages_beyond_the_bound_are_read_from_disk(
 
     assert [(c.envelope.message_id, c.content) for c in agent.calls] == [
         ("F0", CONTENT),
-        ("F1", b"On disk.\r\n"),
+        ("F1", on_disk),
         ("F2", CONTENT),
         ("F3", CONTENT),
     ]

@@ -1,5 +1,5 @@
 """
-Crash safety of the spool at each of its fault points (issue 4).
+Crash safety of the spool at each of its fault points (issues 4 and 7).
 
 A ``Spool`` runs a message's whole life in process (accepted, one attempt
 that delivers one recipient and defers the other, a second attempt, removal)
@@ -12,6 +12,10 @@ the spool's own clean-up runs, which a killed process never does.)  A fresh
 check that each message is either gone or whole, that no accepted message
 is lost, and that a recipient is delivered twice only in the window of
 RFC 5321 section 6.1 (delivered, but the envelope not yet rewritten).
+
+A removed message's file is kept in ``free/`` and overwritten by a later
+message (issue 7): a scenario crashes while that happens, and checks that
+the old message's octets never come back.
 """
 
 from __future__ import annotations
@@ -31,25 +35,23 @@ from mailx.envelope import ClientInfo, Envelope, Recipient, Route
 from mailx.queue import QueuedMessage, RecipientState
 from mailx.replies import Reply
 from mailx.router import GroupCommit, LocalStore, Router
-from mailx.spool import RecipientResult, Spool, SpoolStore, synchronous_io
+from mailx.spool import (
+    MESSAGE_MAGIC,
+    RecipientResult,
+    Spool,
+    SpoolStore,
+    message_head,
+    synchronous_io,
+)
 
 _T = TypeVar("_T")
 
 # Every point at which SpoolStore calls its fault hook, in the order the relay
-# scenario meets them: before and after each of the group commit's three
-# syncs, around an envelope rewrite, and before and after a removal's sync.
-POINTS = (
-    "written",
-    "synced",
-    "content-renamed",
-    "content-committed",
-    "envelope-renamed",
-    "committed",
-    "rewrite",
-    "rewritten",
-    "remove",
-    "removed",
-)
+# scenario meets them: the group commit's files written in free/, synced,
+# renamed into message/ and synced again; an envelope rewrite before and
+# after its rename; a removal before and after its sync.
+COMMIT_POINTS = ("written", "synced", "renamed", "committed")
+POINTS = (*COMMIT_POINTS, "rewrite", "rewritten", "remove", "removed")
 
 SENDER = Address("alice", "example.org")
 BOB = Address("bob", "example.com")
@@ -119,6 +121,8 @@ class CrashAt:
         self.agent = Agent()
         # The client's messages, in the order they are committed.
         self.client_messages: list[str] = []
+        # Inode numbers a scenario noted, by queue id.
+        self.inodes: dict[str, int] = {}
 
     def acknowledged(self) -> list[str]:
         """
@@ -193,6 +197,31 @@ def bounce_scenario(spool: Spool, clock: Clock, hook: CrashAt) -> None:
     clock.advance(MAX_RETRY)
 
 
+# The reuse scenario's M1 is longer than its M3, which is written over M1's
+# kept file: the end of M1 that M3 does not overwrite must be cut off, and
+# OLD_LINE shows it if it ever comes back.
+OLD_LINE = b"An old line of M1.\r\n"
+FIRST = b"From: alice@example.org\r\nSubject: first\r\n\r\n" + OLD_LINE * 100
+THIRD = b"From: alice@example.org\r\nSubject: third\r\n\r\nNew body.\r\n"
+
+
+def reuse_scenario(spool: Spool, clock: Clock, hook: CrashAt) -> None:
+    """
+    M4 to carol, deferred: it stays queued.  M1 to bob, delivered and
+    removed: its file is kept in free/.  M3 to dave, written over M1's file,
+    then deferred.
+    """
+    hook.agent.script = {"carol": [BUSY], "dave": [BUSY]}
+    hook.client_messages.append("M4")
+    assert result_of(spool.enqueue(envelope("M4", CAROL), CONTENT)) == "M4"
+    hook.client_messages.append("M1")
+    assert result_of(spool.enqueue(envelope("M1", BOB), FIRST)) == "M1"
+    assert hook.agent.delivered == [("M1", BOB)]
+    hook.inodes["M1"] = (Path(spool.store.free) / "M1").stat().st_ino
+    hook.client_messages.append("M3")
+    assert result_of(spool.enqueue(envelope("M3", DAVE), THIRD)) == "M3"
+
+
 Scenario = Callable[[Spool, Clock, CrashAt], None]
 
 
@@ -216,7 +245,7 @@ class Recovered:
 
     # Queue id -> the envelope right after recovery.
     messages: dict[str, QueuedMessage]
-    # Queue id -> the content file right after recovery.
+    # Queue id -> the content the store reads right after recovery.
     contents: dict[str, bytes]
     # The files recovery left in tmp/.
     leftovers: list[str]
@@ -229,9 +258,7 @@ def recover(image: CrashImage, script: dict[str, list[Reply]]) -> Recovered:
     store = SpoolStore(str(image.path))
     found, _ = store.recover()
     messages = {item.message_id: store.load(item.message_id) for item in found}
-    contents = {
-        entry.name: entry.read_bytes() for entry in (image.path / "content").iterdir()
-    }
+    contents = {name: store.read_content(name) for name in messages}
     leftovers = sorted(entry.name for entry in (image.path / "tmp").iterdir())
 
     clock = Clock()
@@ -246,37 +273,46 @@ def recover(image: CrashImage, script: dict[str, list[Reply]]) -> Recovered:
         clock.advance(MAX_RETRY)
     assert store.ids() == []
     result_of(spool.stopService())
+    # The next start removed what the first recovery left in tmp/.
+    assert list((image.path / "tmp").iterdir()) == []
     return Recovered(messages, contents, leftovers, agent)
 
 
-def assert_gone_or_whole(recovered: Recovered) -> None:
-    """Each message after recovery has its envelope and all of its content."""
-    assert recovered.leftovers == []
-    assert sorted(recovered.contents) == sorted(recovered.messages)
+def assert_gone_or_whole(recovered: Recovered, known: dict[str, bytes]) -> None:
+    """
+    Each message after recovery has its envelope and all of its content,
+    for the client's messages the content in ``known``.  Nothing half
+    written is left in tmp/: only the newer envelope of a client's message
+    whose removal a crash cut short, for the next start to remove.
+    """
+    for name in recovered.leftovers:
+        message_id, _, kind = name.partition(".")
+        assert kind == "orphan", name
+        assert message_id in known and message_id not in recovered.messages, name
     for message_id, message in recovered.messages.items():
         content = recovered.contents[message_id]
         assert message.size == len(content), message_id
-        if message_id in ("M1", "M2"):
-            assert content == CONTENT
+        if message_id in known:
+            assert content == known[message_id]
 
 
 # The relay scenario, point by point: whether M1 survives the crash, and which
 # recipients get it twice (delivered before the crash, again after it).
 RELAY_EXPECTED = {
-    # Not yet committed: no 250 was sent, recovery removes the files.
+    # M1's file is still in free/, which is never delivered; no 250 was sent.
     "written": (False, set()),
+    # Durable now, but still in free/.
     "synced": (False, set()),
-    "content-renamed": (False, set()),
-    "content-committed": (False, set()),
-    # The envelope is in place, the 250 not yet sent: kept, delivered once.
-    "envelope-renamed": (True, set()),
+    # The file is message/M1, the 250 not yet sent: kept, delivered once.
+    "renamed": (True, set()),
     "committed": (True, set()),
     # RFC 5321 section 6.1: bob was delivered, the rewrite not yet renamed.
     "rewrite": (True, {BOB}),
     "rewritten": (True, set()),
-    # Carol was delivered, the envelope not yet removed.
+    # Carol was delivered, the message file not yet moved to free/.
     "remove": (True, {CAROL}),
-    # The envelope is gone for good; recovery removes the content.
+    # The message file is in free/ for good; its newer envelope, left in
+    # envelope/, goes to tmp/ and is removed at the next start.
     "removed": (False, set()),
 }
 
@@ -292,7 +328,7 @@ def test_crash_in_relay_leaves_no_message_or_a_whole_one(
 
     recovered = recover(image, {})
 
-    assert_gone_or_whole(recovered)
+    assert_gone_or_whole(recovered, {"M1": CONTENT})
     survives, duplicates = RELAY_EXPECTED[point]
     assert ("M1" in recovered.messages) is survives
     before = {address for _, address in image.delivered}
@@ -344,29 +380,25 @@ def test_relay_scenario_reaches_every_fault_point(tmp_path: Path) -> None:
 # its report is committed and, being due at once, delivered, so a crash in
 # between finds M2 still pending: it is refused again and reported again.
 BOUNCE_REPORTS = {
-    # M2 not committed: no 250, nothing to report.
+    # M2's file still in free/: no 250, nothing to report.
     ("written", 0): 0,
     ("synced", 0): 0,
-    ("content-renamed", 0): 0,
-    ("content-committed", 0): 0,
-    # M2 committed (and acknowledged after "committed").
-    ("envelope-renamed", 0): 1,
+    # M2 is message/M2 (and acknowledged after "committed"): reported once.
+    ("renamed", 0): 1,
     ("committed", 0): 1,
-    # The report half written: removed; M2's retry reports once.
+    # The report still in free/, never sent; M2's retry reports once.
     ("written", 1): 1,
     ("synced", 1): 1,
-    ("content-renamed", 1): 1,
-    ("content-committed", 1): 1,
     # The report committed but not sent: it goes out, and M2's retry too.
-    ("envelope-renamed", 1): 2,
+    ("renamed", 1): 2,
     ("committed", 1): 2,
     # The report sent, not yet removed: sent again, and M2's retry reports.
     ("remove", 0): 3,
-    # The report removed, M2 not: M2's retry reports a second time.
+    # The report moved to free/, M2 not: M2's retry reports a second time.
     ("removed", 0): 2,
     # M2 not yet removed: its retry reports a second time.
     ("remove", 1): 2,
-    # M2 removed for good: the one report is all.
+    # M2 moved to free/ for good: the one report is all.
     ("removed", 1): 1,
 }
 
@@ -383,7 +415,7 @@ def test_crash_around_a_report_loses_neither_message_nor_report(
     for occurrence, image in enumerate(hook.images):
         recovered = recover(image, {"dave": [NO_SUCH_USER]})
 
-        assert_gone_or_whole(recovered)
+        assert_gone_or_whole(recovered, {"M2": CONTENT})
         delivered = image.delivered + recovered.agent.delivered
         reports = [address for _, address in delivered if address == SENDER]
         assert len(reports) == BOUNCE_REPORTS[point, occurrence]
@@ -393,11 +425,95 @@ def test_crash_around_a_report_loses_neither_message_nor_report(
     assert len(hook.images) == sum(1 for p, _ in BOUNCE_REPORTS if p == point)
 
 
+# The reuse scenario, crashed during M3's commit (after M4's and M1's):
+# whether M3 survives.  M1 is delivered and gone at every one of these points.
+REUSE_SURVIVES = {
+    # M3's octets are in M1's old file, still in free/: never delivered, as
+    # neither M1 nor M3; no 250 was given for M3.
+    "written": False,
+    "synced": False,
+    # The reused file is message/M3, the 250 not yet sent: delivered once.
+    "renamed": True,
+    "committed": True,
+}
+
+
+@pytest.mark.parametrize("point", COMMIT_POINTS)
+def test_crash_while_a_kept_file_is_reused_never_brings_back_its_message(
+    tmp_path: Path, point: str
+) -> None:
+    """A crash while M3 is written over the file M1 left in free/ never
+    delivers M1 again, leaves M3 absent or whole with its own content, and
+    loses no acknowledged message."""
+    hook = crash_images(tmp_path, point, reuse_scenario)
+    # M3 took M1's file, cut to M3's length; no file was made for it.
+    live = tmp_path / "spool"
+    assert (live / "message" / "M3").stat().st_ino == hook.inodes["M1"]
+    assert list((live / "free").iterdir()) == []
+    # The commits of M4, M1, then M3: the last image is M3's.
+    assert len(hook.images) == 3
+    image = hook.images[-1]
+    assert image.acknowledged == ["M4", "M1"]
+    assert image.delivered == [("M1", BOB)]
+    survives = REUSE_SURVIVES[point]
+    if not survives:
+        kept = (image.path / "free" / "M1").read_bytes()
+        assert kept.endswith(THIRD) and OLD_LINE not in kept
+
+    recovered = recover(image, {})
+
+    assert_gone_or_whole(recovered, {"M1": FIRST, "M3": THIRD, "M4": CONTENT})
+    assert "M1" not in recovered.messages
+    assert ("M3" in recovered.messages) is survives
+    assert "M4" in recovered.messages
+    assert "M1" not in recovered.agent.contents
+    delivered = recovered.agent.delivered
+    assert ("M4", CAROL) in delivered
+    assert delivered.count(("M3", DAVE)) == (1 if survives else 0)
+    for contents in recovered.agent.contents.values():
+        assert all(OLD_LINE not in content for content in contents)
+    assert recovered.agent.contents.get("M3", [THIRD]) == [THIRD]
+
+
 def test_recovery_removes_what_it_reports_removed(tmp_path: Path) -> None:
-    """Every file recovery reports as removed is gone from envelope/ and
-    content/ afterwards, an unreadable envelope included."""
+    """Every message file recovery reports as removed is gone from message/
+    afterwards and kept in corrupt/: one that is no message file, one cut
+    short, one whose envelope is not JSON, and a whole one whose newer
+    envelope is not JSON."""
     store = SpoolStore(str(tmp_path))
     store.prepare()
+    whole = QueuedMessage.from_envelope(
+        "NEWER", envelope("NEWER", BOB), len(CONTENT), 0.0
+    )
+    broken = {
+        "NOTONE": b"{not json",
+        "SHORT": MESSAGE_MAGIC + b"500\n{",
+        "NOJSON": message_head(b"{not json") + CONTENT,
+        "NEWER": message_head(whole.to_json()) + CONTENT,
+    }
+    for name, data in broken.items():
+        (tmp_path / "message" / name).write_bytes(data)
+    (tmp_path / "envelope" / "NEWER").write_bytes(b"{not json")
+
+    found, removed = store.recover()
+
+    assert found == []
+    assert removed == [f"message/{name}" for name in sorted(broken)]
+    for name, data in broken.items():
+        assert not (tmp_path / "message" / name).exists()
+        assert not (tmp_path / "envelope" / name).exists()
+        # Set aside for the operator, never deleted unread.
+        assert (tmp_path / "corrupt" / f"{name}.message").read_bytes() == data
+    assert (tmp_path / "corrupt" / "NEWER.envelope").read_bytes() == b"{not json"
+
+
+def test_recovery_removes_an_old_message_it_reports_removed(tmp_path: Path) -> None:
+    """A message of the earlier layout (envelope/ and content/) whose
+    envelope cannot be read is reported removed, is gone from both
+    directories afterwards, and is kept in corrupt/."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    (tmp_path / "content").mkdir()
     (tmp_path / "envelope" / "BROKEN").write_bytes(b"{not json")
     (tmp_path / "content" / "BROKEN").write_bytes(CONTENT)
 
@@ -406,6 +522,7 @@ def test_recovery_removes_what_it_reports_removed(tmp_path: Path) -> None:
     assert found == []
     assert removed == ["envelope/BROKEN"]
     assert not (tmp_path / "envelope" / "BROKEN").exists()
+    assert not (tmp_path / "content" / "BROKEN").exists()
     # Set aside for the operator, never deleted unread.
     assert (tmp_path / "corrupt" / "BROKEN.envelope").read_bytes() == b"{not json"
     assert (tmp_path / "corrupt" / "BROKEN.content").read_bytes() == CONTENT

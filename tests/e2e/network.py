@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from mailx.spool import SpoolStore
 from tests.mailxproc import PROJECT, MailxProcess, free_port, toml_list
 
 MXA, MXB, MXC = "127.0.0.2", "127.0.0.3", "127.0.0.4"
@@ -272,10 +273,7 @@ class Node:
 
     def queue_ids(self) -> list[str]:
         """The ids of the messages in the spool now."""
-        envelopes = self.process.workdir / "var/mailx/queue/envelope"
-        with contextlib.suppress(FileNotFoundError):
-            return sorted(os.listdir(envelopes))
-        return []
+        return SpoolStore(str(self.process.workdir / "var/mailx/queue")).ids()
 
     def cli(self, *arguments: str) -> subprocess.CompletedProcess[str]:
         """Run ``mailx <arguments>`` against this server's configuration."""

@@ -1,0 +1,246 @@
+"""
+The spool's message files (issue 7): one file a message, files of removed
+messages overwritten by new ones, and spools written by earlier versions of
+mailx (an envelope and a content file a message) still delivered.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+
+from mailx import replies, spool
+from mailx.queue import QueuedMessage, RecipientState
+from mailx.spool import SpoolStore
+from tests.test_spool import (
+    CONTENT,
+    DEFERRED,
+    ScriptedAgent,
+    envelope,
+    make_spool,
+    queued_ids,
+    result_of,
+)
+
+
+def new_message(message_id: str, content: bytes = CONTENT) -> QueuedMessage:
+    return QueuedMessage.from_envelope(message_id, envelope("bob"), len(content), 0.0)
+
+
+def store_one(store: SpoolStore, message_id: str, content: bytes = CONTENT) -> None:
+    assert store.store_new([(new_message(message_id, content), content)]) == [None]
+
+
+def test_a_new_message_overwrites_the_file_of_a_removed_one(tmp_path: Path) -> None:
+    """The file of a delivered message is reused by the next message, cut to
+    the new message's length: no inode is freed or allocated, and the new
+    message reads back exactly, none of the old one's octets with it."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    long_content = CONTENT + b"x" * 5000 + b"\r\n"
+    store_one(store, "OLD", long_content)
+    inode = os.stat(tmp_path / "message" / "OLD").st_ino
+    assert store.remove_batch(["OLD"]) == [True]
+    assert os.listdir(tmp_path / "free") == ["OLD"]
+
+    store_one(store, "NEW")
+
+    assert os.listdir(tmp_path / "free") == []
+    assert os.stat(tmp_path / "message" / "NEW").st_ino == inode
+    assert store.load_with_content("NEW") == (new_message("NEW"), CONTENT)
+    assert b"xxxx" not in (tmp_path / "message" / "NEW").read_bytes()
+
+
+def test_the_kept_files_are_bounded_in_number_and_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most POOL_FILES removed files are kept, none longer than
+    POOL_FILE_LIMIT: the others are unlinked, so a burst of large messages
+    leaves no disk space behind."""
+    monkeypatch.setattr(spool, "POOL_FILES", 2)
+    monkeypatch.setattr(spool, "POOL_FILE_LIMIT", 1000)
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    for name in ("A", "B", "C"):
+        store_one(store, name)
+    store_one(store, "BIG", CONTENT * 20)
+
+    assert store.remove_batch(["BIG", "A", "B", "C"]) == [True] * 4
+
+    assert sorted(os.listdir(tmp_path / "free")) == ["A", "B"]
+
+
+def test_a_restart_reuses_kept_files_and_never_delivers_them(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """Files left in free/ (a removed message, one written but never
+    committed) are never delivered after a restart, and new messages reuse
+    them."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "GONE")
+    store.remove_batch(["GONE"])
+    # Written in free/ when the process died, before its commit (by another
+    # store, which has no kept file to overwrite).
+    store_one(SpoolStore(str(tmp_path)), "HALF")
+    os.replace(tmp_path / "message" / "HALF", tmp_path / "free" / "HALF")
+    kept = {entry.inode() for entry in os.scandir(tmp_path / "free")}
+
+    agent = ScriptedAgent(clock)
+    later = make_spool(tmp_path, clock, agent)
+    later.startService()
+    assert later.recovery is not None
+    assert result_of(later.recovery) == 0
+    message_id = result_of(later.enqueue(envelope("carol"), CONTENT))
+
+    assert [str(a) for call in agent.calls for a in call.recipients] == [
+        "carol@example.com"
+    ]
+    assert queued_ids(tmp_path) == []
+    # Carol's message was written over one of the two kept files.
+    free = os.listdir(tmp_path / "free")
+    assert message_id in free
+    assert len(free) == 2
+    assert {entry.inode() for entry in os.scandir(tmp_path / "free")} == kept
+
+
+def test_a_rewritten_envelope_wins_and_leaves_with_the_message(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """After an attempt the new envelope is in envelope/ and is what a restart
+    reads; when the message is delivered both of its files are gone."""
+    agent = ScriptedAgent(clock, {"bob": [DEFERRED, replies.OK]})
+    queue = make_spool(tmp_path, clock, agent)
+    queue.startService()
+    message_id = result_of(queue.enqueue(envelope("bob", "carol"), CONTENT))
+    result_of(queue.stopService())
+
+    restarted = SpoolStore(str(tmp_path))
+    found, removed = restarted.recover()
+    assert (found[0].message_id, removed) == (message_id, [])
+    message, content = restarted.load_with_content(message_id)
+    assert [r.state for r in message.recipients] == [
+        RecipientState.PENDING,
+        RecipientState.DELIVERED,
+    ]
+    assert content == CONTENT
+
+    again = make_spool(tmp_path, clock, agent)
+    again.startService()
+    clock.advance(3600)
+    assert queued_ids(tmp_path) == []
+    assert os.listdir(tmp_path / "envelope") == []
+
+
+def test_a_spool_written_by_an_earlier_mailx_is_delivered(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """A message stored as envelope/ID and content/ID (mailx before the
+    message files) is recovered, shown, delivered and removed as before."""
+    (tmp_path / "envelope").mkdir()
+    (tmp_path / "content").mkdir()
+    old = new_message("OLD1")
+    (tmp_path / "envelope" / "OLD1").write_bytes(old.to_json())
+    (tmp_path / "content" / "OLD1").write_bytes(CONTENT)
+    assert SpoolStore(str(tmp_path)).ids() == ["OLD1"]
+    assert SpoolStore(str(tmp_path)).read_content("OLD1") == CONTENT
+
+    agent = ScriptedAgent(clock)
+    queue = make_spool(tmp_path, clock, agent)
+    queue.startService()
+    assert queue.recovery is not None
+    assert result_of(queue.recovery) == 1
+
+    assert [(c.envelope.message_id, c.content) for c in agent.calls] == [
+        ("OLD1", CONTENT)
+    ]
+    assert os.listdir(tmp_path / "envelope") == []
+    assert os.listdir(tmp_path / "content") == []
+
+
+def test_a_message_file_cut_short_is_set_aside(tmp_path: Path) -> None:
+    """A message file whose envelope is shorter than its first line says is
+    not delivered and not deleted: it goes to corrupt/ for the operator."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "CUT")
+    path = tmp_path / "message" / "CUT"
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"\n") + 20])
+
+    found, removed = store.recover()
+
+    assert (found, removed) == ([], ["message/CUT"])
+    assert os.listdir(tmp_path / "corrupt") == ["CUT.message"]
+
+
+def test_an_old_message_is_deleted_before_any_new_start(tmp_path: Path) -> None:
+    """``mailx queue delete`` with no server, on a queue only an earlier
+    mailx has run on (no message/ or free/ yet), removes both of the
+    message's files and says it did."""
+    for name in ("tmp", "envelope", "content"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "envelope" / "OLD1").write_bytes(new_message("OLD1").to_json())
+    (tmp_path / "content" / "OLD1").write_bytes(CONTENT)
+    store = SpoolStore(str(tmp_path))
+
+    assert store.remove("OLD1") is True
+
+    assert store.ids() == []
+    assert os.listdir(tmp_path / "envelope") == []
+    assert os.listdir(tmp_path / "content") == []
+
+
+def cut_message_with_newer_envelope(tmp_path: Path) -> None:
+    """CUT: a message file cut short inside its envelope, and a newer
+    envelope of it that reads well."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    message = new_message("CUT")
+    (tmp_path / "message" / "CUT").write_bytes(b"mailx-spool 2 9999\n{")
+    (tmp_path / "envelope" / "CUT").write_bytes(message.to_json())
+
+
+def test_a_cut_message_file_is_set_aside_despite_a_newer_envelope(
+    tmp_path: Path,
+) -> None:
+    """Recovery reads the message file even when a newer envelope wins over
+    the one inside it: a file cut short goes to corrupt/ with its envelope."""
+    cut_message_with_newer_envelope(tmp_path)
+
+    found, removed = SpoolStore(str(tmp_path)).recover()
+
+    assert (found, removed) == ([], ["message/CUT"])
+    assert sorted(os.listdir(tmp_path / "corrupt")) == ["CUT.envelope", "CUT.message"]
+
+
+def test_a_message_damaged_after_recovery_is_set_aside_not_retried(
+    tmp_path: Path, clock: Clock, mail_log: list[str]
+) -> None:
+    """A message whose content is no longer what was accepted when its
+    attempt comes (damaged on disk since the start) is not tried, not
+    retried for ever: it goes to corrupt/ and the mail log says so."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    message = new_message("SHORT")
+    message.next_attempt = 100.0
+    assert store.store_new([(message, CONTENT)]) == [None]
+    agent = ScriptedAgent(clock)
+    queue = make_spool(tmp_path, clock, agent)
+    queue.startService()
+    assert queue.schedule.next_attempt("SHORT") == 100.0
+    # Recovery has read the envelope; the content is cut before the attempt.
+    path = tmp_path / "message" / "SHORT"
+    path.write_bytes(path.read_bytes()[:-5])
+    clock.advance(3600)
+
+    assert agent.calls == []
+    assert "SHORT" not in queue.schedule
+    assert os.listdir(tmp_path / "corrupt") == ["SHORT.message"]
+    assert [line for line in mail_log if line.startswith("took ")] == [
+        "took message/SHORT out of the queue (partial, orphaned or unreadable;"
+        " unreadable ones are kept in corrupt/)"
+    ]
