@@ -16,6 +16,11 @@ It reads three attributes of ``twisted.internet.tcp.Connection`` that are
 not part of its interface (the queue's state); if a Twisted release changes
 them, every write takes the ordinary path and ``tests/test_sendnow.py``
 fails, which says so.
+
+A pull producer is resumed only when the queue drains, so its writes take
+the queue, except those of the registered producer itself when it says so
+(``producer``): it learns from the result that a block went out whole, and
+writes the next one in the same call (``mailx.client``).
 """
 
 from __future__ import annotations
@@ -25,9 +30,14 @@ from typing import Any
 from twisted.internet import tcp
 
 
-def write_now(transport: Any, data: bytes) -> None:
-    """Write ``data`` to ``transport``, sending at once where that is safe."""
-    if data and _queue_empty(transport):
+def write_now(transport: Any, data: bytes, producer: object = None) -> bool:
+    """
+    Write ``data`` to ``transport``, sending at once where that is safe; True
+    when all of it went out at once, False when some of it is queued.
+    ``producer`` is the pull producer registered with the transport when it
+    is the one writing.
+    """
+    if data and _queue_empty(transport, producer):
         try:
             sent = transport.socket.send(data)
         except BlockingIOError:
@@ -37,12 +47,13 @@ def write_now(transport: Any, data: bytes) -> None:
             # closes the connection the usual way.
             sent = 0
         if sent == len(data):
-            return
+            return True
         data = data[sent:]
     transport.write(data)
+    return False
 
 
-def _queue_empty(transport: Any) -> bool:
+def _queue_empty(transport: Any, producer: object = None) -> bool:
     """True for a plain TCP connection, open, with nothing queued to send."""
     if not isinstance(transport, tcp.Connection):
         return False
@@ -51,9 +62,11 @@ def _queue_empty(transport: Any) -> bool:
             return False
         if transport._writeDisconnected:
             return False
-        # A pull producer is resumed only when the queue drains: its writes
-        # must go through the queue.
-        if transport.producer is not None and not transport.streamingProducer:
+        # A pull producer is resumed only when the queue drains: writes go
+        # through the queue, except the producer's own that asked to go at
+        # once (it carries on itself when they do).
+        pull = transport.producer is not None and not transport.streamingProducer
+        if pull and transport.producer is not producer:
             return False
         return bool(
             not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
