@@ -15,8 +15,9 @@ durable with one ``syncfs(2)`` (``mailx.durable``), renames every file into
 ``message/`` and syncs again.  Two syncs serve the whole batch, and the
 ordering holds: a file is durable before it is renamed, and the rename is
 durable before the Deferred fires, so no 250 goes out before its message is
-durable.  Finished messages leave in batches the same way: every file
-renamed back into ``free/``, one sync.  The files in ``free/`` are
+durable.  Finished messages leave in the same batches: each file renamed
+back into ``free/`` before the batch's last sync (one sync for a batch that
+only removes).  The files in ``free/`` are
 overwritten by later messages instead of being unlinked and created again
 (``POOL_FILES``), which spares the file system an inode freed and one
 allocated per message (issue 7).
@@ -216,6 +217,24 @@ POOL_FILE_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
+class StoreNew:
+    """A change to the spool: a new message to store."""
+
+    message: QueuedMessage
+    content: bytes
+
+
+@dataclass(frozen=True)
+class Remove:
+    """A change to the spool: a finished message to remove."""
+
+    message_id: str
+
+
+SpoolChange = StoreNew | Remove
+
+
+@dataclass(frozen=True)
 class Recovered:
     """One message found on disk at start: what scheduling needs."""
 
@@ -288,26 +307,119 @@ class SpoolStore:
         self, messages: Sequence[tuple[QueuedMessage, bytes]]
     ) -> list[OSError | None]:
         """
-        Store new messages as one group commit: write each one's file in
-        ``free/``, then ``commit`` all that were written.  Return, per message
-        in order, the error that kept it from being written, or None.  A
-        failure of the commit itself raises, and no message of the batch
-        counts as stored (``discard`` cleans up after it).
+        Store new messages as one group commit (``apply``).  Return, per
+        message in order, the error that kept it from being written, or
+        None.  A failure of the commit itself raises, and no message of the
+        batch counts as stored (``discard`` cleans up after it).
         """
-        results: list[OSError | None] = []
+        results = self.apply(
+            [StoreNew(message, content) for message, content in messages]
+        )
+        return [result for result in results if not isinstance(result, bool)]
+
+    def apply(self, changes: Sequence[SpoolChange]) -> list[OSError | bool | None]:
+        """
+        Make a batch of changes durable together: new messages stored and
+        finished ones removed, with two syncs for the whole batch (one when
+        it only removes).  New messages' files are written in ``free/`` and
+        synced, then renamed into ``message/``; finished messages' files are
+        renamed back into ``free/`` (or, for a message of an earlier
+        version, its envelope unlinked); one sync makes every rename
+        durable.  A file is renamed into ``message/`` only after its content
+        is durable, so ``message/`` never names a file with another
+        message's octets in it, or half of this one's.  Then the newer
+        envelopes and old content files of removed messages go, which
+        recovery removes if a crash leaves them.
+
+        Return, per change in order: for a new message None, or the error
+        that kept it from being written; for a removal whether the message
+        was there.  A failure of a sync raises: no change of the batch
+        counts as done (``discard`` cleans up after a new message).
+        """
+        results: list[OSError | bool | None] = [None] * len(changes)
+        stores = [i for i, change in enumerate(changes) if isinstance(change, StoreNew)]
+        removals = [
+            (i, change.message_id)
+            for i, change in enumerate(changes)
+            if isinstance(change, Remove)
+        ]
+        if removals:
+            self._fault("remove")
         written: list[tuple[str, str]] = []
-        for message, content in messages:
+        for i in stores:
+            change = changes[i]
+            assert isinstance(change, StoreNew)
             try:
-                slot = self.write_free(message, content)
+                written.append(
+                    (
+                        change.message.message_id,
+                        self.write_free(change.message, change.content),
+                    )
+                )
             except OSError as error:
-                results.append(error)
-                continue
-            results.append(None)
-            written.append((message.message_id, slot))
-        self._fault("written")
+                results[i] = error
+        if stores:
+            self._fault("written")
+        touched: list[str] = []
         if written:
-            self.commit(written)
+            if self._syncfs is not None:
+                # One syncfs of the file system covers every file written.
+                durable.sync_directories([self.free], self._syncfs)
+            self._fault("synced")
+            for message_id, slot in written:
+                os.replace(os.path.join(self.free, slot), self.message_path(message_id))
+            self._fault("renamed")
+            touched += [self.message, self.free]
+
+        freed: list[str] = []
+        for i, message_id in removals:
+            found = self._take_out(message_id)
+            results[i] = bool(found)
+            if found == "message":
+                freed.append(message_id)
+                if self.message not in touched:
+                    touched += [self.message, self.free]
+            elif found and self.envelope not in touched:
+                # Only the directories changed: a queue that only an earlier
+                # mailx has run on has no message/ or free/ yet.
+                touched.append(self.envelope)
+        if touched:
+            durable.sync_directories(touched, self._syncfs)
+        if written:
+            self._fault("committed")
+        if removals:
+            self._fault("removed")
+            for i, message_id in removals:
+                if results[i]:
+                    for path in (
+                        self.envelope_path(message_id),
+                        self.content_path(message_id),
+                    ):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+        for name in freed:
+            self._keep(name)
         return results
+
+    def _take_out(self, message_id: str) -> str:
+        """
+        Take a message out of the queue, not yet durably: its file renamed
+        into ``free/`` ("message"), or the envelope of a message of an
+        earlier version unlinked ("envelope"); "" if it was not there.
+        """
+        try:
+            os.replace(
+                self.message_path(message_id), os.path.join(self.free, message_id)
+            )
+        except FileNotFoundError:
+            pass
+        else:
+            return "message"
+        try:
+            os.unlink(self.envelope_path(message_id))
+        except FileNotFoundError:
+            return ""
+        return "envelope"
 
     def write_free(self, message: QueuedMessage, content: bytes) -> str:
         """
@@ -336,24 +448,6 @@ class SpoolStore:
                 os.unlink(path)
             raise
         return slot
-
-    def commit(self, written: Sequence[tuple[str, str]]) -> None:
-        """
-        Make written messages durable and move them into place, with two
-        syncs for the whole batch: the files in ``free/``, then every file
-        renamed to ``message/ID`` (the commit point).  A file is renamed only
-        after its content is durable, so ``message/`` never names a file
-        with another message's octets in it, or half of this one's.
-        """
-        if self._syncfs is not None:
-            # One syncfs of the file system covers every file written.
-            durable.sync_directories([self.free], self._syncfs)
-        self._fault("synced")
-        for message_id, slot in written:
-            os.replace(os.path.join(self.free, slot), self.message_path(message_id))
-        self._fault("renamed")
-        durable.sync_directories([self.message, self.free], self._syncfs)
-        self._fault("committed")
 
     def discard(self, message_id: str) -> None:
         """Remove whatever a failed enqueue left of a message."""
@@ -435,54 +529,10 @@ class SpoolStore:
 
     def remove_batch(self, message_ids: Sequence[str]) -> list[bool]:
         """
-        Remove messages: every message file moved to ``free/`` (or, for a
-        message of an earlier version, its envelope unlinked), made durable
-        by one sync; then a newer envelope and old content files, which
-        recovery removes if a crash leaves them.  Return, per message in
+        Remove messages as one batch (``apply``).  Return, per message in
         order, False if it was not there.
         """
-        self._fault("remove")
-        found: list[bool] = []
-        freed: list[str] = []
-        unlinked = False
-        for message_id in message_ids:
-            try:
-                os.replace(
-                    self.message_path(message_id), os.path.join(self.free, message_id)
-                )
-            except FileNotFoundError:
-                pass
-            else:
-                found.append(True)
-                freed.append(message_id)
-                continue
-            try:
-                os.unlink(self.envelope_path(message_id))
-            except FileNotFoundError:
-                found.append(False)
-            else:
-                found.append(True)
-                unlinked = True
-        # Only the directories changed: a queue that only an earlier mailx
-        # has run on has no message/ or free/ yet (``mailx queue delete``).
-        touched = [self.message, self.free] if freed else []
-        if unlinked:
-            touched.append(self.envelope)
-        if touched:
-            durable.sync_directories(touched, self._syncfs)
-        self._fault("removed")
-
-        for message_id, was_there in zip(message_ids, found, strict=True):
-            if was_there:
-                for path in (
-                    self.envelope_path(message_id),
-                    self.content_path(message_id),
-                ):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-        for name in freed:
-            self._keep(name)
-        return found
+        return [bool(found) for found in self.apply([Remove(i) for i in message_ids])]
 
     def _keep(self, name: str) -> None:
         """Keep the file ``free/name`` for reuse, or unlink it."""
@@ -633,11 +683,9 @@ class Spool(Service):
         self._flushed_in_flight: set[str] = set()
         self._locks: dict[str, DeferredLock] = {}
         self._timer: IDelayedCall | None = None
-        self._commits: GroupJob[tuple[QueuedMessage, bytes], None] = GroupJob(
-            self._run_io, self.store.store_new
-        )
-        self._removals: GroupJob[str, bool] = GroupJob(
-            self._run_io, self.store.remove_batch
+        # New messages and removals share batches, and so their syncs.
+        self._changes: GroupJob[SpoolChange, bool | None] = GroupJob(
+            self._run_io, self.store.apply
         )
         # Fresh messages not yet tried, with their content, oldest first.
         self._fresh: OrderedDict[str, tuple[QueuedMessage, bytes]] = OrderedDict()
@@ -741,8 +789,7 @@ class Spool(Service):
         # and the removals they started are let finish.
         waits += list(self._in_flight.values())
         done: Deferred[Any] = gatherResults(waits, consumeErrors=True)
-        done.addBoth(lambda _: self._commits.drained())
-        done.addBoth(lambda _: self._removals.drained())
+        done.addBoth(lambda _: self._changes.drained())
         return done.addBoth(self._stop_pool)
 
     async def _stop_port(self, port: IListeningPort) -> None:
@@ -772,7 +819,7 @@ class Spool(Service):
     def _store_new(self, message: QueuedMessage, content: bytes) -> Deferred[str]:
         message_id = message.message_id
         committed = self._after_recovery().addCallback(
-            lambda _: self._commits.submit((message, content))
+            lambda _: self._changes.submit(StoreNew(message, content))
         )
 
         def accepted(_: None) -> str:
@@ -1060,7 +1107,7 @@ class Spool(Service):
         # The attempt, and its place among the max_parallel, lasts until the
         # removal is durable: so a crash can repeat at most max_parallel
         # deliveries (RFC 5321 section 6.1).  The removal joins a batch.
-        await self._removals.submit(message.message_id)
+        await self._changes.submit(Remove(message.message_id))
         self.schedule.remove(message.message_id)
         maillog.info("removed {message_id}", message_id=message.message_id)
 
@@ -1281,7 +1328,7 @@ class Spool(Service):
         async def remove() -> None:
             self._known_after_wait(message_id, was_in_flight)
             self._take_fresh(message_id)
-            await self._removals.submit(message_id)
+            await self._changes.submit(Remove(message_id))
             self.schedule.remove(message_id)
             maillog.info("deleted {message_id}", message_id=message_id)
 

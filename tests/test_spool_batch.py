@@ -87,6 +87,34 @@ def test_a_batch_of_many_messages_costs_two_syncs(tmp_path: Path) -> None:
     assert listing(tmp_path / "free") == sorted(ids)
 
 
+def test_messages_stored_and_removed_together_share_two_syncs(
+    tmp_path: Path,
+) -> None:
+    """New messages and removals in one batch take the new messages' two
+    syncs, no third: the removed file and the new ones are renamed before
+    the second, which makes every rename durable."""
+    syncs = SyncRecorder(tmp_path)
+    store = SpoolStore(str(tmp_path), syncfs=syncs)
+    store.prepare()
+    store.store_new([(new_message("OLD"), CONTENT)])
+    syncs.calls.clear()
+
+    results = store.apply(
+        [
+            spool.StoreNew(new_message("N1"), CONTENT),
+            spool.Remove("OLD"),
+            spool.Remove("GONE"),
+            spool.StoreNew(new_message("N2"), CONTENT),
+        ]
+    )
+
+    assert results == [None, True, False, None]
+    assert syncs.calls == [
+        {"free": ["N1", "N2"], "message": ["OLD"], "envelope": []},
+        {"free": ["OLD"], "message": ["N1", "N2"], "envelope": []},
+    ]
+
+
 def test_removal_reports_messages_that_were_not_there(tmp_path: Path) -> None:
     """Removing a batch says which messages were gone already; no sync is
     spent when none was there."""
@@ -246,14 +274,15 @@ def test_a_delivered_message_keeps_its_slot_until_its_removal(
     for message_id in ("R1", "R2", "R3"):
         queue.enqueue(envelope("bob", message_id=message_id), CONTENT)
     io.run_next()  # R1's commit; R1 is delivered, its removal waits.
-    work, done = io.jobs.pop(1)  # R2 and R3's commit, ahead of R1's removal.
-    done.callback(work())
 
     assert [call.envelope.message_id for call in agent.calls] == ["R1"]
     assert not [line for line in mail_log if line.startswith("removed")]
-    io.run_next()  # R1's removal: R2 goes out.
+    assert len(io.jobs) == 1  # R2 and R3's commit and R1's removal together.
+    io.run_next()  # R1's removal is durable: R2 goes out.
     assert [call.envelope.message_id for call in agent.calls] == ["R1", "R2"]
     assert [line for line in mail_log if line.startswith("removed")] == ["removed R1"]
+    # R3 is committed, and waits while R2's removal is not durable.
+    assert "R3" in queued_ids(tmp_path)
 
     stopped: list[None] = []
     queue.stopService().addCallback(stopped.append)
