@@ -120,6 +120,10 @@ class QueueTool:
             return self.store.load(message_id)
         except FileNotFoundError:
             raise CommandError(f"no such message {message_id}") from None
+        except (OSError, ValueError) as error:
+            raise CommandError(
+                f"message {message_id} cannot be read: {error}"
+            ) from None
 
     def _messages(self) -> list[QueuedMessage]:
         messages = []
@@ -129,6 +133,9 @@ class QueueTool:
             except FileNotFoundError:
                 # Delivered or deleted while we listed: no longer queued.
                 continue
+            except (OSError, ValueError) as error:
+                # The server sets such a message aside at its next start.
+                print(f"{message_id}: cannot be read: {error}", file=sys.stderr)
         return messages
 
     def _ask_server(self, command: str) -> str | None:
@@ -176,6 +183,10 @@ class QueueTool:
             headers = split_headers(self.store.read_content(message_id))
         except FileNotFoundError:
             raise CommandError(f"no such message {message_id}") from None
+        except (OSError, ValueError) as error:
+            raise CommandError(
+                f"message {message_id} cannot be read: {error}"
+            ) from None
         self._print(format_show(message, headers))
 
     def flush(self, message_id: str | None) -> None:

@@ -34,10 +34,12 @@ messages of their own with the null reverse path, and are never sent to it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
 import socket
+import stat
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -167,6 +169,39 @@ def _write_all(fd: int, parts: Sequence[bytes]) -> int:
             offset += written
             view = view[written:]
     return offset
+
+
+def _open_spool_file(path: str, flags: int, mode: int = 0o600) -> int:
+    """
+    Open a file of the spool: a regular file, never through a symbolic link
+    and never waiting on a FIFO someone left in its place (OSError instead).
+    """
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    descriptor = os.open(path, flags, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _read_spool_file(path: str, limit: int = -1) -> tuple[bytes, int]:
+    """
+    The first ``limit`` octets (all if -1) of a spool file, and its size.
+    """
+    descriptor = _open_spool_file(path, os.O_RDONLY)
+    try:
+        size = os.fstat(descriptor).st_size
+        wanted = size if limit < 0 else min(limit, size)
+        chunks = []
+        while wanted > 0 and (chunk := os.read(descriptor, wanted)):
+            chunks.append(chunk)
+            wanted -= len(chunk)
+        return b"".join(chunks), size
+    finally:
+        os.close(descriptor)
 
 
 def _write_synced(path: str, data: bytes) -> None:
@@ -432,7 +467,7 @@ class SpoolStore:
             slot = message.message_id
         path = os.path.join(self.free, slot)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = _open_spool_file(path, os.O_WRONLY | os.O_CREAT)
             try:
                 size = _write_all(fd, [message_head(message.to_json()), content])
                 # A kept file longer than this message is cut to its length.
@@ -461,20 +496,23 @@ class SpoolStore:
                 os.unlink(path)
 
     def _read_message_file(self, message_id: str, whole: bool) -> tuple[bytes, bytes]:
-        """The envelope in a message file and, if ``whole``, its content."""
-        with open(self.message_path(message_id), "rb") as file:
-            data = file.read() if whole else file.read(4096)
-            start, end = _parse_head(data)
-            if not whole and end > len(data):
-                data += file.read(end - len(data))
-        if end > len(data):
+        """
+        The envelope in a message file and, if ``whole``, its content.
+        ValueError if the file is not a whole message file.
+        """
+        path = self.message_path(message_id)
+        data, size = _read_spool_file(path, -1 if whole else 4096)
+        start, end = _parse_head(data)
+        # Checked before reading on: the first line's length is not trusted.
+        if end > size:
             raise ValueError(f"message file {message_id} is cut short")
+        if end > len(data):
+            data, _ = _read_spool_file(path, end)
         return data[start:end], data[end:] if whole else b""
 
     def _read_override(self, message_id: str) -> QueuedMessage | None:
         try:
-            with open(self.envelope_path(message_id), "rb") as file:
-                data = file.read()
+            data, _ = _read_spool_file(self.envelope_path(message_id))
         except FileNotFoundError:
             return None
         return QueuedMessage.from_json(data)
@@ -491,8 +529,7 @@ class SpoolStore:
             return self._read_message_file(message_id, whole=True)[1]
         except FileNotFoundError:
             pass
-        with open(self.content_path(message_id), "rb") as file:
-            return file.read()
+        return _read_spool_file(self.content_path(message_id))[0]
 
     def load_with_content(self, message_id: str) -> tuple[QueuedMessage, bytes]:
         """
@@ -505,8 +542,7 @@ class SpoolStore:
         except FileNotFoundError:
             if override is None:
                 raise
-            with open(self.content_path(message_id), "rb") as file:
-                content = file.read()
+            content, _ = _read_spool_file(self.content_path(message_id))
             message = override
         else:
             message = override or QueuedMessage.from_json(envelope)
@@ -538,9 +574,14 @@ class SpoolStore:
         """Keep the file ``free/name`` for reuse, or unlink it."""
         path = os.path.join(self.free, name)
         try:
+            info = os.lstat(path)
+            if stat.S_ISDIR(info.st_mode):
+                # Not ours, and never a message: left for the operator.
+                return
             if (
-                len(self._pool) < POOL_FILES
-                and os.stat(path).st_size <= POOL_FILE_LIMIT
+                stat.S_ISREG(info.st_mode)
+                and len(self._pool) < POOL_FILES
+                and info.st_size <= POOL_FILE_LIMIT
             ):
                 self._pool.append(name)
                 return
@@ -571,7 +612,11 @@ class SpoolStore:
         """
         removed = []
         for entry in os.scandir(self.tmp):
-            os.unlink(entry.path)
+            try:
+                os.unlink(entry.path)
+            except IsADirectoryError:
+                # Not ours: the spool writes no directories there.
+                continue
             removed.append(os.path.join("tmp", entry.name))
         # Files in free/ are never messages, whatever they hold.
         self._pool.clear()

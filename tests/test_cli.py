@@ -161,6 +161,27 @@ def test_unknown_id_is_an_error(
     assert "no such message NOSUCH1" in capsys.readouterr().err
 
 
+def test_an_unreadable_message_is_named_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged message file in the queue: ``list`` lists the others and
+    names it on stderr, ``show`` says it cannot be read; no traceback."""
+    config = write_config(tmp_path)
+    message_id = queue_message(tmp_path, "bob")
+    (tmp_path / "queue" / "message" / "BROKEN").write_bytes(b"garbage")
+
+    status, output = run("queue", "list", "--config", config)
+    assert status == EX_OK
+    assert message_id in output
+    assert "BROKEN: cannot be read: not a mailx spool message file" in (
+        capsys.readouterr().err
+    )
+
+    status, _ = run("queue", "show", "BROKEN", "--config", config)
+    assert status == EX_DATAERR
+    assert "message BROKEN cannot be read" in capsys.readouterr().err
+
+
 def test_malformed_id_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

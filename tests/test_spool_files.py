@@ -7,6 +7,7 @@ mailx (an envelope and a content file a message) still delivered.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,72 @@ def test_a_message_damaged_after_recovery_is_set_aside_not_retried(
         "took message/SHORT out of the queue (partial, orphaned or unreadable;"
         " unreadable ones are kept in corrupt/)"
     ]
+
+
+def recover_within(store: SpoolStore, seconds: float = 10.0) -> tuple[object, ...]:
+    """``store.recover()`` in a thread, failing the test if it hangs."""
+    outcome: list[tuple[object, ...]] = []
+    worker = threading.Thread(target=lambda: outcome.append(store.recover()))
+    worker.daemon = True
+    worker.start()
+    worker.join(seconds)
+    assert outcome, "recovery hangs"
+    return outcome[0]
+
+
+def test_odd_files_in_the_queue_neither_hang_nor_stop_recovery(tmp_path: Path) -> None:
+    """FIFOs, symbolic links, directories and a first line claiming an
+    enormous envelope, left in the queue's directories, are never waited
+    on, followed or delivered: recovery finishes, sets the ones in
+    message/ and envelope/ aside, and a whole message beside them is kept."""
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not mail\r\n")
+    queue = tmp_path / "queue"
+    store = SpoolStore(str(queue))
+    store.prepare()
+    store_one(store, "GOOD")
+    os.mkfifo(queue / "message" / "FIFO")
+    (queue / "message" / "LINK").symlink_to(outside)
+    (queue / "message" / "DIR").mkdir()
+    (queue / "message" / "HUGE").write_bytes(b"mailx-spool 2 99999999999999999999\n{}")
+    os.mkfifo(queue / "envelope" / "GOOD")
+    (queue / "tmp" / "somedir").mkdir()
+    (queue / "free" / "somedir").mkdir()
+
+    found, removed = recover_within(SpoolStore(str(queue)))
+
+    assert found == []
+    assert removed == [
+        "message/DIR",
+        "message/FIFO",
+        "message/GOOD",
+        "message/HUGE",
+        "message/LINK",
+    ]
+    assert outside.read_bytes() == b"not mail\r\n"
+    assert sorted(os.listdir(queue / "corrupt")) == [
+        "DIR.message",
+        "FIFO.message",
+        "GOOD.envelope",
+        "GOOD.message",
+        "HUGE.message",
+        "LINK.message",
+    ]
+
+
+def test_a_new_message_never_writes_through_a_link_in_free(tmp_path: Path) -> None:
+    """A symbolic link left in free/ is not kept for reuse: new messages
+    never write through it into the file it names."""
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"keep me\r\n")
+    queue = tmp_path / "queue"
+    store = SpoolStore(str(queue))
+    store.prepare()
+    (queue / "free" / "LINK").symlink_to(outside)
+    store.recover()
+
+    store_one(store, "NEW")
+
+    assert outside.read_bytes() == b"keep me\r\n"
+    assert store.read_content("NEW") == CONTENT
+    assert os.listdir(queue / "free") == []
