@@ -1,8 +1,10 @@
 """
 The ``mailx`` command: ``mailx queue list|show|flush|delete|hold|release``.
 
-It reads the spool directory directly (every file there is replaced
-atomically, so reading while the server runs is safe) and steers the queue
+It reads the spool directory directly (a message file is renamed into
+place whole, and overwritten only once it has left the queue, to be reused;
+envelopes are replaced atomically; so reading while the server runs is
+safe, at worst showing a message that has just left) and steers the queue
 through the server's control socket when the server is up.  When it is not,
 ``delete``, ``hold`` and ``release`` change the files themselves, and
 ``flush`` marks messages due so the next start tries them at once.

@@ -102,6 +102,9 @@ MAX_PARALLEL = 20
 # the oldest are dropped and read back from disk when tried.
 FRESH_CONTENT_LIMIT = 64 * 1024 * 1024
 
+# How long after a failed recovery of the queue it is tried again.
+RECOVERY_RETRY = 60.0
+
 # How long the start waits to learn whether a control socket left on disk
 # still has a server behind it.
 CONTROL_PROBE_TIMEOUT = 1.0
@@ -261,9 +264,14 @@ class StoreNew:
 
 @dataclass(frozen=True)
 class Remove:
-    """A change to the spool: a finished message to remove."""
+    """
+    A change to the spool: a finished message to remove.  Its file is kept
+    for reuse unless ``reuse`` is False (an operator's delete: what is
+    deleted leaves the disk).
+    """
 
     message_id: str
+    reuse: bool = True
 
 
 SpoolChange = StoreNew | Remove
@@ -314,6 +322,8 @@ class SpoolStore:
         self.corrupt = os.path.join(directory, "corrupt")
         self._fault_hook = fault_hook
         self._syncfs = syncfs
+        # What the last recovery could not remove or set aside: (name, why).
+        self.problems: list[tuple[str, str]] = []
         # Names in free/ ready to be overwritten.  Commits and removals run
         # in different threads: deque's append and pop are atomic.
         self._pool: deque[str] = deque()
@@ -374,7 +384,7 @@ class SpoolStore:
         results: list[OSError | bool | None] = [None] * len(changes)
         stores = [i for i, change in enumerate(changes) if isinstance(change, StoreNew)]
         removals = [
-            (i, change.message_id)
+            (i, change)
             for i, change in enumerate(changes)
             if isinstance(change, Remove)
         ]
@@ -406,12 +416,12 @@ class SpoolStore:
             self._fault("renamed")
             touched += [self.message, self.free]
 
-        freed: list[str] = []
-        for i, message_id in removals:
-            found = self._take_out(message_id)
+        freed: list[Remove] = []
+        for i, removal in removals:
+            found = self._take_out(removal.message_id)
             results[i] = bool(found)
             if found == "message":
-                freed.append(message_id)
+                freed.append(removal)
                 if self.message not in touched:
                     touched += [self.message, self.free]
             elif found and self.envelope not in touched:
@@ -424,16 +434,20 @@ class SpoolStore:
             self._fault("committed")
         if removals:
             self._fault("removed")
-            for i, message_id in removals:
+            for i, removal in removals:
                 if results[i]:
                     for path in (
-                        self.envelope_path(message_id),
-                        self.content_path(message_id),
+                        self.envelope_path(removal.message_id),
+                        self.content_path(removal.message_id),
                     ):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(path)
-        for name in freed:
-            self._keep(name)
+        for removal in freed:
+            if removal.reuse:
+                self._keep(removal.message_id)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.free, removal.message_id))
         return results
 
     def _take_out(self, message_id: str) -> str:
@@ -470,9 +484,13 @@ class SpoolStore:
             fd = _open_spool_file(path, os.O_WRONLY | os.O_CREAT)
             try:
                 size = _write_all(fd, [message_head(message.to_json()), content])
+                info = os.fstat(fd)
                 # A kept file longer than this message is cut to its length.
-                if os.fstat(fd).st_size > size:
+                if info.st_size > size:
                     os.ftruncate(fd, size)
+                if info.st_mode & 0o7777 != 0o600:
+                    # A file someone left in free/ gets the spool's mode.
+                    os.fchmod(fd, 0o600)
                 if self._syncfs is None:
                     os.fsync(fd)
             finally:
@@ -553,15 +571,24 @@ class SpoolStore:
     def rewrite(self, message: QueuedMessage) -> None:
         """Replace a message's envelope atomically and durably."""
         temp = self._temp(message.message_id, "rewrite")
-        _write_synced(temp, message.to_json())
+        try:
+            _write_synced(temp, message.to_json())
+        except OSError:
+            # A full disk, say: no empty file is left behind in tmp/.
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
         self._fault("rewrite")
         os.replace(temp, self.envelope_path(message.message_id))
         durable.sync_directories([self.envelope], None)
         self._fault("rewritten")
 
     def remove(self, message_id: str) -> bool:
-        """Remove a message; False if it was not there."""
-        return self.remove_batch([message_id])[0]
+        """
+        Remove a message for good, its file not kept for reuse (``mailx
+        queue delete``); False if it was not there.
+        """
+        return self.apply([Remove(message_id, reuse=False)])[0] is True
 
     def remove_batch(self, message_ids: Sequence[str]) -> list[bool]:
         """
@@ -608,34 +635,51 @@ class SpoolStore:
         """
         Remove what a crash left half written and list every whole message.
         Only envelopes are read.  Returns the messages and the names of the
-        files removed.
+        files removed; what could not be removed or set aside is in
+        ``problems`` (name, reason) and is not delivered.  One entry never
+        stops the recovery of the others; a directory that cannot be read
+        does (OSError).
         """
-        removed = []
+        removed: list[str] = []
+        self.problems = []
         for entry in os.scandir(self.tmp):
             try:
                 os.unlink(entry.path)
             except IsADirectoryError:
                 # Not ours: the spool writes no directories there.
                 continue
+            except OSError as error:
+                self.problems.append((os.path.join("tmp", entry.name), str(error)))
+                continue
             removed.append(os.path.join("tmp", entry.name))
         # Files in free/ are never messages, whatever they hold.
         self._pool.clear()
         for entry in os.scandir(self.free):
-            self._keep(entry.name)
+            with contextlib.suppress(OSError):
+                self._keep(entry.name)
 
         messages = self._names(self.message)
         envelopes = self._names(self.envelope)
         contents = self._names(self.content)
         # A content file without its envelope was never committed.
         for name in sorted(contents - envelopes):
-            os.unlink(self.content_path(name))
-            removed.append(os.path.join("content", name))
+            self._recover_step(
+                os.path.join("content", name),
+                removed,
+                os.unlink,
+                self.content_path(name),
+            )
         # An envelope without content cannot be delivered (or is the newer
         # envelope of a message whose removal a crash cut short): it goes to
         # tmp/, logged here and removed at the next start.
         for name in sorted(envelopes - contents - messages):
-            os.replace(self.envelope_path(name), self._temp(name, "orphan"))
-            removed.append(os.path.join("envelope", name))
+            self._recover_step(
+                os.path.join("envelope", name),
+                removed,
+                os.replace,
+                self.envelope_path(name),
+                self._temp(name, "orphan"),
+            )
 
         found = []
         for name in sorted(messages | (envelopes & contents)):
@@ -648,11 +692,14 @@ class SpoolStore:
                     message = message or QueuedMessage.from_json(head)
                 if message is None:
                     raise FileNotFoundError(self.envelope_path(name))
-            except (OSError, ValueError):
+            except Exception:
+                # Whatever is wrong with it, it must not stop the others.
                 # Never deleted unread: its files go aside, out of the queue.
-                self.set_aside(name)
-                removed.append(
-                    os.path.join("message" if name in messages else "envelope", name)
+                self._recover_step(
+                    os.path.join("message" if name in messages else "envelope", name),
+                    removed,
+                    self.set_aside,
+                    name,
                 )
                 continue
             found.append(
@@ -660,9 +707,25 @@ class SpoolStore:
             )
         return found, removed
 
-    def set_aside(self, name: str) -> None:
-        """Move every file of a message to ``corrupt/``, out of the queue."""
+    def _recover_step(
+        self, name: str, removed: list[str], step: Callable[..., object], *args: str
+    ) -> None:
+        """Run one clean-up step of recovery; note ``name`` as done or not."""
+        try:
+            step(*args)
+        except OSError as error:
+            self.problems.append((name, str(error)))
+        else:
+            removed.append(name)
+
+    def set_aside(self, name: str) -> str:
+        """
+        Move every file of a message to ``corrupt/``, out of the queue.
+        Return the name of its main file: ``message/ID``, or ``envelope/ID``
+        for a message of an earlier version.
+        """
         os.makedirs(self.corrupt, mode=0o700, exist_ok=True)
+        moved = []
         for kind, path in (
             ("message", self.message_path(name)),
             ("envelope", self.envelope_path(name)),
@@ -670,6 +733,8 @@ class SpoolStore:
         ):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(path, os.path.join(self.corrupt, f"{name}.{kind}"))
+                moved.append(kind)
+        return f"{moved[0] if moved else 'message'}/{name}"
 
 
 def new_queue_id(now: float) -> str:
@@ -728,6 +793,7 @@ class Spool(Service):
         self._flushed_in_flight: set[str] = set()
         self._locks: dict[str, DeferredLock] = {}
         self._timer: IDelayedCall | None = None
+        self._recovery_timer: IDelayedCall | None = None
         # New messages and removals share batches, and so their syncs.
         self._changes: GroupJob[SpoolChange, bool | None] = GroupJob(
             self._run_io, self.store.apply
@@ -756,13 +822,43 @@ class Spool(Service):
         super().startService()  # type: ignore[no-untyped-call]
         if self._pool is not None:
             self._pool.start()
-        # Recovery removes half-written files: no new message is written
-        # until it is done, or it could remove that message's files.
-        self._recovering = []
-        recovered = self._run_io(self.store.recover).addCallback(self._recovered)
-        self.recovery = recovered.addBoth(self._release_writers)
+        self.recovery = self._recover()
         if self._control_socket is not None:
             self._listen_control(self._control_socket)
+
+    def _recover(self) -> Deferred[int]:
+        """
+        Recover the queue on disk; fire with the number of messages found,
+        or -1 if recovery failed (logged, and tried again after
+        ``RECOVERY_RETRY`` seconds, new mail being queued meanwhile).
+        """
+        # Recovery removes half-written files: no new message is written
+        # until it is done, or it could remove that message's files; and
+        # it starts only once no change is under way.
+        self._recovering = []
+        recovered = self._changes.drained().addCallback(
+            lambda _: self._run_io(self.store.recover)
+        )
+        recovered.addCallbacks(self._recovered, self._recovery_failed)
+        return recovered.addBoth(self._release_writers)
+
+    def _recovery_failed(self, failure: Failure) -> int:
+        log.failure("queue recovery failed", failure)
+        maillog.error(
+            "could not recover the queue ({error}): the messages in it are not"
+            " delivered until it is; trying again in {delay:.0f} s",
+            error=str(failure.value),
+            delay=RECOVERY_RETRY,
+        )
+        self._recovery_timer = self._reactor.callLater(
+            RECOVERY_RETRY, self._retry_recovery
+        )
+        return -1
+
+    def _retry_recovery(self) -> None:
+        self._recovery_timer = None
+        if self.running:
+            self._recover()
 
     def _release_writers(self, result: _T) -> _T:
         waiting, self._recovering = self._recovering or [], None
@@ -788,6 +884,13 @@ class Spool(Service):
                 "took {name} out of the queue (partial, orphaned or unreadable;"
                 " unreadable ones are kept in corrupt/)",
                 name=name,
+            )
+        for name, reason in self.store.problems:
+            maillog.error(
+                "could not take {name} out of the queue ({reason}): it is not"
+                " delivered; remove or repair it by hand",
+                name=name,
+                reason=reason,
             )
         for item in found:
             # The lifetime applies to messages queued before it changed.
@@ -825,6 +928,9 @@ class Spool(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._recovery_timer is not None and self._recovery_timer.active():
+            self._recovery_timer.cancel()
+        self._recovery_timer = None
         waits: list[Deferred[Any]] = []
         if self._control_port is not None:
             port, self._control_port = self._control_port, None
@@ -992,12 +1098,12 @@ class Spool(Service):
         except ValueError:
             # Damaged on disk since recovery read it: retrying cannot mend
             # it, so it goes where recovery puts unreadable messages.
-            await self._run_io(lambda: self.store.set_aside(message_id))
+            name = await self._run_io(lambda: self.store.set_aside(message_id))
             self.schedule.remove(message_id)
             maillog.warn(
                 "took {name} out of the queue (partial, orphaned or unreadable;"
                 " unreadable ones are kept in corrupt/)",
-                name=f"message/{message_id}",
+                name=name,
             )
             return
         message, content = fresh
@@ -1373,7 +1479,7 @@ class Spool(Service):
         async def remove() -> None:
             self._known_after_wait(message_id, was_in_flight)
             self._take_fresh(message_id)
-            await self._changes.submit(Remove(message_id))
+            await self._changes.submit(Remove(message_id, reuse=False))
             self.schedule.remove(message_id)
             maillog.info("deleted {message_id}", message_id=message_id)
 

@@ -212,8 +212,8 @@ def test_delete_without_server_removes_files(tmp_path: Path) -> None:
         EX_OK,
         f"{message_id}: deleted\n",
     )
-    assert os.listdir(tmp_path / "queue" / "message") == []
-    assert os.listdir(tmp_path / "queue" / "envelope") == []
+    for directory in ("message", "envelope", "free"):
+        assert os.listdir(tmp_path / "queue" / directory) == [], directory
 
 
 def test_hold_and_release_without_server(tmp_path: Path) -> None:

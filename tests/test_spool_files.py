@@ -314,3 +314,105 @@ def test_a_new_message_never_writes_through_a_link_in_free(tmp_path: Path) -> No
     assert outside.read_bytes() == b"keep me\r\n"
     assert store.read_content("NEW") == CONTENT
     assert os.listdir(queue / "free") == []
+
+
+def test_a_failed_recovery_is_logged_and_tried_again(
+    tmp_path: Path, clock: Clock, mail_log: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the queue cannot be recovered at start, the mail log says so, new
+    mail is still queued and delivered, and recovery is tried again until
+    the messages already queued go out."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "WAITING")
+    attempts: list[int] = []
+    real_recover = SpoolStore.recover
+
+    def flaky(self: SpoolStore) -> tuple[list[spool.Recovered], list[str]]:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise PermissionError(13, "Permission denied", str(tmp_path / "message"))
+        return real_recover(self)
+
+    monkeypatch.setattr(SpoolStore, "recover", flaky)
+    agent = ScriptedAgent(clock)
+    queue = make_spool(tmp_path, clock, agent)
+    queue.startService()
+    assert queue.recovery is not None
+    assert result_of(queue.recovery) == -1
+    assert [line for line in mail_log if line.startswith("could not recover")] == [
+        "could not recover the queue ([Errno 13] Permission denied:"
+        f" '{tmp_path / 'message'}'): the messages in it are not delivered"
+        " until it is; trying again in 60 s"
+    ]
+
+    result_of(queue.enqueue(envelope("carol"), CONTENT))
+    assert [str(call.recipients[0]) for call in agent.calls] == ["carol@example.com"]
+
+    clock.advance(spool.RECOVERY_RETRY)
+    assert len(attempts) == 2
+    assert [call.envelope.message_id for call in agent.calls][1:] == ["WAITING"]
+    assert queued_ids(tmp_path) == []
+
+
+def test_an_entry_recovery_cannot_move_is_named_and_the_rest_recovered(
+    tmp_path: Path, clock: Clock, mail_log: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged message that cannot even be set aside is named in the mail
+    log as needing the operator, and every other message is recovered."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "GOOD")
+    (tmp_path / "message" / "BAD").write_bytes(b"garbage")
+    real_replace = os.replace
+
+    def stuck(source: str, destination: str) -> None:
+        if source.endswith("BAD"):
+            raise PermissionError(1, "Operation not permitted", source)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", stuck)
+    agent = ScriptedAgent(clock)
+    queue = make_spool(tmp_path, clock, agent)
+    queue.startService()
+
+    assert queue.recovery is not None
+    assert result_of(queue.recovery) == 1
+    assert [call.envelope.message_id for call in agent.calls] == ["GOOD"]
+    assert [line for line in mail_log if line.startswith("could not take")] == [
+        "could not take message/BAD out of the queue ([Errno 1] Operation not"
+        f" permitted: '{tmp_path / 'message' / 'BAD'}'): it is not delivered;"
+        " remove or repair it by hand"
+    ]
+
+
+def test_a_deleted_message_leaves_the_disk(tmp_path: Path, clock: Clock) -> None:
+    """What an operator deletes is not kept for reuse: no file of it is
+    left anywhere in the queue, unlike a delivered message's."""
+    agent = ScriptedAgent(clock, {"bob": [DEFERRED]})
+    queue = make_spool(tmp_path, clock, agent)
+    queue.startService()
+    message_id = result_of(queue.enqueue(envelope("bob"), CONTENT))
+
+    result_of(queue.delete(message_id))
+
+    for directory in ("message", "envelope", "free", "tmp"):
+        assert os.listdir(tmp_path / directory) == [], directory
+
+
+def test_a_file_left_in_free_gets_the_spools_mode(tmp_path: Path) -> None:
+    """A file someone left in free/ with a wider mode is reused as a message
+    file readable by the spool's owner only."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    left = tmp_path / "free" / "LEFT"
+    left.write_bytes(b"x")
+    left.chmod(0o666)
+    inode = left.stat().st_ino
+    store.recover()
+
+    store_one(store, "NEW")
+
+    assert (tmp_path / "message" / "NEW").stat().st_ino == inode
+    assert (tmp_path / "message" / "NEW").stat().st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path / "free") == []
