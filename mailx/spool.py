@@ -631,7 +631,7 @@ class SpoolStore:
         old = self._names(self.envelope) & self._names(self.content)
         return sorted(self._names(self.message) | old)
 
-    def recover(self) -> tuple[list[Recovered], list[str]]:
+    def recover(self, full: bool = True) -> tuple[list[Recovered], list[str]]:
         """
         Remove what a crash left half written and list every whole message.
         Only envelopes are read.  Returns the messages and the names of the
@@ -639,9 +639,53 @@ class SpoolStore:
         ``problems`` (name, reason) and is not delivered.  One entry never
         stops the recovery of the others; a directory that cannot be read
         does (OSError).
+
+        Not ``full``, it only lists the messages (setting aside unreadable
+        ones): it may then run while messages are stored and removed, since
+        it leaves tmp/, free/ and the pool alone (a retry after a failed
+        recovery).
         """
         removed: list[str] = []
         self.problems = []
+        if full:
+            self._sweep(removed)
+        messages = self._names(self.message)
+        envelopes = self._names(self.envelope)
+        contents = self._names(self.content)
+        if full:
+            self._remove_orphans(messages, envelopes, contents, removed)
+
+        found = []
+        for name in sorted(messages | (envelopes & contents)):
+            try:
+                message = self._read_override(name)
+                if name in messages:
+                    # Read even when a newer envelope wins over it: a message
+                    # file that cannot be read is never delivered.
+                    head, _ = self._read_message_file(name, whole=False)
+                    message = message or QueuedMessage.from_json(head)
+                if message is None:
+                    raise ValueError(f"{name} has no envelope")
+            except FileNotFoundError:
+                # Delivered or deleted since it was listed.
+                continue
+            except Exception:
+                # Whatever is wrong with it, it must not stop the others.
+                # Never deleted unread: its files go aside, out of the queue.
+                self._recover_step(
+                    os.path.join("message" if name in messages else "envelope", name),
+                    removed,
+                    self.set_aside,
+                    name,
+                )
+                continue
+            found.append(
+                Recovered(name, message.next_attempt, message.hold, message.arrival)
+            )
+        return found, removed
+
+    def _sweep(self, removed: list[str]) -> None:
+        """Empty tmp/ and keep what free/ holds for reuse."""
         for entry in os.scandir(self.tmp):
             try:
                 os.unlink(entry.path)
@@ -658,9 +702,14 @@ class SpoolStore:
             with contextlib.suppress(OSError):
                 self._keep(entry.name)
 
-        messages = self._names(self.message)
-        envelopes = self._names(self.envelope)
-        contents = self._names(self.content)
+    def _remove_orphans(
+        self,
+        messages: set[str],
+        envelopes: set[str],
+        contents: set[str],
+        removed: list[str],
+    ) -> None:
+        """Remove the files a crash left of messages not committed, or gone."""
         # A content file without its envelope was never committed.
         for name in sorted(contents - envelopes):
             self._recover_step(
@@ -680,32 +729,6 @@ class SpoolStore:
                 self.envelope_path(name),
                 self._temp(name, "orphan"),
             )
-
-        found = []
-        for name in sorted(messages | (envelopes & contents)):
-            try:
-                message = self._read_override(name)
-                if name in messages:
-                    # Read even when a newer envelope wins over it: a message
-                    # file that cannot be read is never delivered.
-                    head, _ = self._read_message_file(name, whole=False)
-                    message = message or QueuedMessage.from_json(head)
-                if message is None:
-                    raise FileNotFoundError(self.envelope_path(name))
-            except Exception:
-                # Whatever is wrong with it, it must not stop the others.
-                # Never deleted unread: its files go aside, out of the queue.
-                self._recover_step(
-                    os.path.join("message" if name in messages else "envelope", name),
-                    removed,
-                    self.set_aside,
-                    name,
-                )
-                continue
-            found.append(
-                Recovered(name, message.next_attempt, message.hold, message.arrival)
-            )
-        return found, removed
 
     def _recover_step(
         self, name: str, removed: list[str], step: Callable[..., object], *args: str
@@ -826,21 +849,29 @@ class Spool(Service):
         if self._control_socket is not None:
             self._listen_control(self._control_socket)
 
-    def _recover(self) -> Deferred[int]:
+    def _recover(self, full: bool = True) -> Deferred[int]:
         """
         Recover the queue on disk; fire with the number of messages found,
         or -1 if recovery failed (logged, and tried again after
         ``RECOVERY_RETRY`` seconds, new mail being queued meanwhile).
         """
+        if not full:
+            # A retry, with deliveries under way: it only lists messages.
+            return Deferred.fromCoroutine(self._list_again())
         # Recovery removes half-written files: no new message is written
-        # until it is done, or it could remove that message's files; and
-        # it starts only once no change is under way.
+        # until it is done, or it could remove that message's files.
         self._recovering = []
-        recovered = self._changes.drained().addCallback(
-            lambda _: self._run_io(self.store.recover)
+        recovered = self._run_io(self.store.recover).addCallbacks(
+            self._recovered, self._recovery_failed
         )
-        recovered.addCallbacks(self._recovered, self._recovery_failed)
         return recovered.addBoth(self._release_writers)
+
+    async def _list_again(self) -> int:
+        try:
+            result = await self._run_io(lambda: self.store.recover(full=False))
+        except Exception:
+            return self._recovery_failed(Failure())
+        return self._recovered(result)
 
     def _recovery_failed(self, failure: Failure) -> int:
         log.failure("queue recovery failed", failure)
@@ -858,7 +889,7 @@ class Spool(Service):
     def _retry_recovery(self) -> None:
         self._recovery_timer = None
         if self.running:
-            self._recover()
+            self._recover(full=False)
 
     def _release_writers(self, result: _T) -> _T:
         waiting, self._recovering = self._recovering or [], None

@@ -325,14 +325,16 @@ def test_a_failed_recovery_is_logged_and_tried_again(
     store = SpoolStore(str(tmp_path))
     store.prepare()
     store_one(store, "WAITING")
-    attempts: list[int] = []
+    attempts: list[bool] = []
     real_recover = SpoolStore.recover
 
-    def flaky(self: SpoolStore) -> tuple[list[spool.Recovered], list[str]]:
-        attempts.append(1)
+    def flaky(
+        self: SpoolStore, full: bool = True
+    ) -> tuple[list[spool.Recovered], list[str]]:
+        attempts.append(full)
         if len(attempts) == 1:
             raise PermissionError(13, "Permission denied", str(tmp_path / "message"))
-        return real_recover(self)
+        return real_recover(self, full)
 
     monkeypatch.setattr(SpoolStore, "recover", flaky)
     agent = ScriptedAgent(clock)
@@ -350,7 +352,8 @@ def test_a_failed_recovery_is_logged_and_tried_again(
     assert [str(call.recipients[0]) for call in agent.calls] == ["carol@example.com"]
 
     clock.advance(spool.RECOVERY_RETRY)
-    assert len(attempts) == 2
+    # The retry only lists the queue: tmp/ and free/ may be in use by now.
+    assert attempts == [True, False]
     assert [call.envelope.message_id for call in agent.calls][1:] == ["WAITING"]
     assert queued_ids(tmp_path) == []
 
@@ -384,6 +387,22 @@ def test_an_entry_recovery_cannot_move_is_named_and_the_rest_recovered(
         f" permitted: '{tmp_path / 'message' / 'BAD'}'): it is not delivered;"
         " remove or repair it by hand"
     ]
+
+
+def test_a_listing_recovery_leaves_work_under_way_alone(tmp_path: Path) -> None:
+    """The recovery a retry runs, while messages are being stored and
+    removed, lists the queue only: what is in tmp/ and free/ stays."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "QUEUED")
+    (tmp_path / "tmp" / "QUEUED.rewrite").write_bytes(b"being written")
+    (tmp_path / "free" / "NEXT").write_bytes(b"being written")
+
+    found, removed = store.recover(full=False)
+
+    assert ([item.message_id for item in found], removed) == (["QUEUED"], [])
+    assert os.listdir(tmp_path / "tmp") == ["QUEUED.rewrite"]
+    assert os.listdir(tmp_path / "free") == ["NEXT"]
 
 
 def test_a_deleted_message_leaves_the_disk(tmp_path: Path, clock: Clock) -> None:
