@@ -102,6 +102,10 @@ MAX_PARALLEL = 20
 # the oldest are dropped and read back from disk when tried.
 FRESH_CONTENT_LIMIT = 64 * 1024 * 1024
 
+# What opening a spool file says when something other than a regular file
+# is in its place (a FIFO, a link, a directory).
+_NOT_A_FILE = frozenset({errno.EINVAL, errno.ELOOP, errno.EISDIR})
+
 # How long after a failed recovery of the queue it is tried again.
 RECOVERY_RETRY = 60.0
 
@@ -1126,9 +1130,12 @@ class Spool(Service):
             log.warn("queued message {message_id} vanished", message_id=message_id)
             self.schedule.remove(message_id)
             return
-        except ValueError:
-            # Damaged on disk since recovery read it: retrying cannot mend
-            # it, so it goes where recovery puts unreadable messages.
+        except (ValueError, OSError) as error:
+            if isinstance(error, OSError) and error.errno not in _NOT_A_FILE:
+                raise  # An I/O error may pass: the attempt is retried.
+            # Damaged on disk since recovery read it, or something else put
+            # in its place: retrying cannot mend it, so it goes where
+            # recovery puts unreadable messages.
             name = await self._run_io(lambda: self.store.set_aside(message_id))
             self.schedule.remove(message_id)
             maillog.warn(

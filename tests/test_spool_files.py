@@ -435,3 +435,31 @@ def test_a_file_left_in_free_gets_the_spools_mode(tmp_path: Path) -> None:
     assert (tmp_path / "message" / "NEW").stat().st_ino == inode
     assert (tmp_path / "message" / "NEW").stat().st_mode & 0o777 == 0o600
     assert os.listdir(tmp_path / "free") == []
+
+
+def test_a_message_replaced_by_a_fifo_after_recovery_is_set_aside(
+    tmp_path: Path, clock: Clock, mail_log: list[str]
+) -> None:
+    """A FIFO put in place of a queued message after the start is not waited
+    on when the message's attempt comes, and not retried for ever: it goes
+    to corrupt/ and the mail log says so."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    message = new_message("SWAPPED")
+    message.next_attempt = 100.0
+    assert store.store_new([(message, CONTENT)]) == [None]
+    agent = ScriptedAgent(clock)
+    queue = make_spool(tmp_path, clock, agent)
+    queue.startService()
+    path = tmp_path / "message" / "SWAPPED"
+    path.unlink()
+    os.mkfifo(path)
+    clock.advance(3600)
+
+    assert agent.calls == []
+    assert "SWAPPED" not in queue.schedule
+    assert os.listdir(tmp_path / "corrupt") == ["SWAPPED.message"]
+    assert [line for line in mail_log if line.startswith("took ")] == [
+        "took message/SWAPPED out of the queue (partial, orphaned or unreadable;"
+        " unreadable ones are kept in corrupt/)"
+    ]
