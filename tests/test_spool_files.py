@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -218,31 +219,44 @@ def test_a_cut_message_file_is_set_aside_despite_a_newer_envelope(
     assert sorted(os.listdir(tmp_path / "corrupt")) == ["CUT.envelope", "CUT.message"]
 
 
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+def replaced_by_a_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("damage", [cut_short, replaced_by_a_fifo])
 def test_a_message_damaged_after_recovery_is_set_aside_not_retried(
-    tmp_path: Path, clock: Clock, mail_log: list[str]
+    tmp_path: Path,
+    clock: Clock,
+    mail_log: list[str],
+    damage: Callable[[Path], None],
 ) -> None:
-    """A message whose content is no longer what was accepted when its
-    attempt comes (damaged on disk since the start) is not tried, not
-    retried for ever: it goes to corrupt/ and the mail log says so."""
+    """A message whose file is no longer what was accepted when its attempt
+    comes (cut short, or a FIFO put in its place since the start) is not
+    tried, not waited on, not retried for ever: it goes to corrupt/ and the
+    mail log says so."""
     store = SpoolStore(str(tmp_path))
     store.prepare()
-    message = new_message("SHORT")
+    message = new_message("HURT")
     message.next_attempt = 100.0
     assert store.store_new([(message, CONTENT)]) == [None]
     agent = ScriptedAgent(clock)
     queue = make_spool(tmp_path, clock, agent)
     queue.startService()
-    assert queue.schedule.next_attempt("SHORT") == 100.0
-    # Recovery has read the envelope; the content is cut before the attempt.
-    path = tmp_path / "message" / "SHORT"
-    path.write_bytes(path.read_bytes()[:-5])
+    assert queue.schedule.next_attempt("HURT") == 100.0
+    # Recovery has read the envelope; the file is damaged before the attempt.
+    damage(tmp_path / "message" / "HURT")
     clock.advance(3600)
 
     assert agent.calls == []
-    assert "SHORT" not in queue.schedule
-    assert os.listdir(tmp_path / "corrupt") == ["SHORT.message"]
+    assert "HURT" not in queue.schedule
+    assert os.listdir(tmp_path / "corrupt") == ["HURT.message"]
     assert [line for line in mail_log if line.startswith("took ")] == [
-        "took message/SHORT out of the queue (partial, orphaned or unreadable;"
+        "took message/HURT out of the queue (partial, orphaned or unreadable;"
         " unreadable ones are kept in corrupt/)"
     ]
 
@@ -435,31 +449,3 @@ def test_a_file_left_in_free_gets_the_spools_mode(tmp_path: Path) -> None:
     assert (tmp_path / "message" / "NEW").stat().st_ino == inode
     assert (tmp_path / "message" / "NEW").stat().st_mode & 0o777 == 0o600
     assert os.listdir(tmp_path / "free") == []
-
-
-def test_a_message_replaced_by_a_fifo_after_recovery_is_set_aside(
-    tmp_path: Path, clock: Clock, mail_log: list[str]
-) -> None:
-    """A FIFO put in place of a queued message after the start is not waited
-    on when the message's attempt comes, and not retried for ever: it goes
-    to corrupt/ and the mail log says so."""
-    store = SpoolStore(str(tmp_path))
-    store.prepare()
-    message = new_message("SWAPPED")
-    message.next_attempt = 100.0
-    assert store.store_new([(message, CONTENT)]) == [None]
-    agent = ScriptedAgent(clock)
-    queue = make_spool(tmp_path, clock, agent)
-    queue.startService()
-    path = tmp_path / "message" / "SWAPPED"
-    path.unlink()
-    os.mkfifo(path)
-    clock.advance(3600)
-
-    assert agent.calls == []
-    assert "SWAPPED" not in queue.schedule
-    assert os.listdir(tmp_path / "corrupt") == ["SWAPPED.message"]
-    assert [line for line in mail_log if line.startswith("took ")] == [
-        "took message/SWAPPED out of the queue (partial, orphaned or unreadable;"
-        " unreadable ones are kept in corrupt/)"
-    ]
