@@ -178,29 +178,33 @@ def _write_all(fd: int, parts: Sequence[bytes]) -> int:
     return offset
 
 
-def _open_spool_file(path: str, flags: int, mode: int = 0o600) -> int:
+def _open_spool_file(
+    path: str, flags: int, mode: int = 0o600
+) -> tuple[int, os.stat_result]:
     """
     Open a file of the spool: a regular file, never through a symbolic link
     and never waiting on a FIFO someone left in its place (OSError instead).
+    Return the descriptor and the file's status.
     """
     flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     descriptor = os.open(path, flags, mode)
     try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
     except BaseException:
         os.close(descriptor)
         raise
-    return descriptor
+    return descriptor, info
 
 
 def _read_spool_file(path: str, limit: int = -1) -> tuple[bytes, int]:
     """
     The first ``limit`` octets (all if -1) of a spool file, and its size.
     """
-    descriptor = _open_spool_file(path, os.O_RDONLY)
+    descriptor, info = _open_spool_file(path, os.O_RDONLY)
+    size = info.st_size
     try:
-        size = os.fstat(descriptor).st_size
         wanted = size if limit < 0 else min(limit, size)
         chunks = []
         while wanted > 0 and (chunk := os.read(descriptor, wanted)):
@@ -326,8 +330,10 @@ class SpoolStore:
         self.corrupt = os.path.join(directory, "corrupt")
         self._fault_hook = fault_hook
         self._syncfs = syncfs
-        # What the last recovery could not remove or set aside: (name, why).
+        # What the last recovery could not remove or set aside, and the
+        # messages it could not read for now: (name, why).
         self.problems: list[tuple[str, str]] = []
+        self.unread: list[tuple[str, str]] = []
         # Names in free/ ready to be overwritten.  Commits and removals run
         # in different threads: deque's append and pop are atomic.
         self._pool: deque[str] = deque()
@@ -394,40 +400,89 @@ class SpoolStore:
         ]
         if removals:
             self._fault("remove")
-        written: list[tuple[str, str]] = []
+        # (index, message id, its file's name in free/) of the files written.
+        written: list[tuple[int, str, str]] = []
         for i in stores:
             change = changes[i]
             assert isinstance(change, StoreNew)
             try:
-                written.append(
-                    (
-                        change.message.message_id,
-                        self.write_free(change.message, change.content),
-                    )
-                )
+                slot = self.write_free(change.message, change.content)
             except OSError as error:
                 results[i] = error
+            else:
+                written.append((i, change.message.message_id, slot))
         if stores:
             self._fault("written")
+        try:
+            taken = self._commit(written, removals, results)
+        except OSError:
+            # Nothing of the batch counts as done; the files written for it
+            # must not stay in free/ outside the pool (discard removes what
+            # reached message/).
+            for _, _, slot in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.free, slot))
+            raise
+        # Past the commit point: a failure to tidy up is no failure of the
+        # batch (recovery removes what is left).
+        with contextlib.suppress(OSError):
+            for i, removal in removals:
+                if taken.get(i) == "message":
+                    if removal.reuse:
+                        self._keep(removal.message_id)
+                    else:
+                        os.unlink(os.path.join(self.free, removal.message_id))
+                if taken.get(i):
+                    for path in (
+                        self.envelope_path(removal.message_id),
+                        self.content_path(removal.message_id),
+                    ):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+        for i, _ in removals:
+            if i in taken:
+                results[i] = bool(taken[i])
+        return results
+
+    def _commit(
+        self,
+        written: list[tuple[int, str, str]],
+        removals: list[tuple[int, Remove]],
+        results: list[OSError | bool | None],
+    ) -> dict[int, str]:
+        """
+        The syncs and renames of ``apply``.  A rename that fails fails its
+        own change only, its error in ``results`` (a full disk can refuse a
+        rename for want of a directory entry); a sync that fails raises.
+        Return what ``_take_out`` did for each removal, by index.
+        """
+        taken: dict[int, str] = {}
         touched: list[str] = []
         if written:
             if self._syncfs is not None:
                 # One syncfs of the file system covers every file written.
                 durable.sync_directories([self.free], self._syncfs)
             self._fault("synced")
-            for message_id, slot in written:
-                os.replace(os.path.join(self.free, slot), self.message_path(message_id))
+            for i, message_id, slot in written:
+                try:
+                    os.replace(
+                        os.path.join(self.free, slot), self.message_path(message_id)
+                    )
+                except OSError as error:
+                    results[i] = error
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.free, slot))
             self._fault("renamed")
             touched += [self.message, self.free]
-
-        freed: list[Remove] = []
         for i, removal in removals:
-            found = self._take_out(removal.message_id)
-            results[i] = bool(found)
-            if found == "message":
-                freed.append(removal)
-                if self.message not in touched:
-                    touched += [self.message, self.free]
+            try:
+                found = self._take_out(removal.message_id)
+            except OSError as error:
+                results[i] = error
+                continue
+            taken[i] = found
+            if found in ("message", "unlinked") and self.message not in touched:
+                touched += [self.message, self.free]
             elif found and self.envelope not in touched:
                 # Only the directories changed: a queue that only an earlier
                 # mailx has run on has no message/ or free/ yet.
@@ -438,27 +493,14 @@ class SpoolStore:
             self._fault("committed")
         if removals:
             self._fault("removed")
-            for i, removal in removals:
-                if results[i]:
-                    for path in (
-                        self.envelope_path(removal.message_id),
-                        self.content_path(removal.message_id),
-                    ):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-        for removal in freed:
-            if removal.reuse:
-                self._keep(removal.message_id)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.free, removal.message_id))
-        return results
+        return taken
 
     def _take_out(self, message_id: str) -> str:
         """
         Take a message out of the queue, not yet durably: its file renamed
-        into ``free/`` ("message"), or the envelope of a message of an
-        earlier version unlinked ("envelope"); "" if it was not there.
+        into ``free/`` ("message") or, if that fails, unlinked ("unlinked"),
+        or the envelope of a message of an earlier version unlinked
+        ("envelope"); "" if it was not there.
         """
         try:
             os.replace(
@@ -466,6 +508,11 @@ class SpoolStore:
             )
         except FileNotFoundError:
             pass
+        except OSError:
+            # A full disk can refuse the new entry in free/: the file is
+            # unlinked instead, which it cannot refuse (OSError if it does).
+            os.unlink(self.message_path(message_id))
+            return "unlinked"
         else:
             return "message"
         try:
@@ -485,10 +532,9 @@ class SpoolStore:
             slot = message.message_id
         path = os.path.join(self.free, slot)
         try:
-            fd = _open_spool_file(path, os.O_WRONLY | os.O_CREAT)
+            fd, info = _open_spool_file(path, os.O_WRONLY | os.O_CREAT)
             try:
                 size = _write_all(fd, [message_head(message.to_json()), content])
-                info = os.fstat(fd)
                 # A kept file longer than this message is cut to its length.
                 if info.st_size > size:
                     os.ftruncate(fd, size)
@@ -532,6 +578,20 @@ class SpoolStore:
             data, _ = _read_spool_file(path, end)
         return data[start:end], data[end:] if whole else b""
 
+    def _file_message(
+        self, message_id: str, whole: bool
+    ) -> tuple[QueuedMessage, bytes]:
+        """
+        The envelope written in a message file and, if ``whole``, its
+        content.  FileNotFoundError if the file is gone, or holds another
+        message: it left the queue and its file was reused meanwhile.
+        """
+        envelope, content = self._read_message_file(message_id, whole)
+        message = QueuedMessage.from_json(envelope)
+        if message.message_id != message_id:
+            raise FileNotFoundError(errno.ENOENT, "left the queue", message_id)
+        return message, content
+
     def _read_override(self, message_id: str) -> QueuedMessage | None:
         try:
             data, _ = _read_spool_file(self.envelope_path(message_id))
@@ -543,14 +603,14 @@ class SpoolStore:
         message = self._read_override(message_id)
         if message is not None:
             return message
-        envelope, _ = self._read_message_file(message_id, whole=False)
-        return QueuedMessage.from_json(envelope)
+        return self._file_message(message_id, whole=False)[0]
 
     def read_content(self, message_id: str) -> bytes:
         try:
-            return self._read_message_file(message_id, whole=True)[1]
+            return self._file_message(message_id, whole=True)[1]
         except FileNotFoundError:
-            pass
+            if os.path.lexists(self.message_path(message_id)):
+                raise
         return _read_spool_file(self.content_path(message_id))[0]
 
     def load_with_content(self, message_id: str) -> tuple[QueuedMessage, bytes]:
@@ -560,14 +620,14 @@ class SpoolStore:
         """
         override = self._read_override(message_id)
         try:
-            envelope, content = self._read_message_file(message_id, whole=True)
+            written, content = self._file_message(message_id, whole=True)
         except FileNotFoundError:
-            if override is None:
+            if override is None or os.path.lexists(self.message_path(message_id)):
                 raise
             content, _ = _read_spool_file(self.content_path(message_id))
             message = override
         else:
-            message = override or QueuedMessage.from_json(envelope)
+            message = override or written
         if len(content) != message.size:
             raise ValueError(f"message {message_id} has {len(content)} octets")
         return message, content
@@ -611,6 +671,9 @@ class SpoolStore:
                 return
             if (
                 stat.S_ISREG(info.st_mode)
+                # A file linked elsewhere too (a snapshot made with cp -al)
+                # must not be written over.
+                and info.st_nlink == 1
                 and len(self._pool) < POOL_FILES
                 and info.st_size <= POOL_FILE_LIMIT
             ):
@@ -635,7 +698,9 @@ class SpoolStore:
         old = self._names(self.envelope) & self._names(self.content)
         return sorted(self._names(self.message) | old)
 
-    def recover(self, full: bool = True) -> tuple[list[Recovered], list[str]]:
+    def recover(
+        self, full: bool = True, skip: frozenset[str] = frozenset()
+    ) -> tuple[list[Recovered], list[str]]:
         """
         Remove what a crash left half written and list every whole message.
         Only envelopes are read.  Returns the messages and the names of the
@@ -644,13 +709,19 @@ class SpoolStore:
         stops the recovery of the others; a directory that cannot be read
         does (OSError).
 
-        Not ``full``, it only lists the messages (setting aside unreadable
-        ones): it may then run while messages are stored and removed, since
-        it leaves tmp/, free/ and the pool alone (a retry after a failed
-        recovery).
+        A message that cannot be read for a reason that may pass (EMFILE,
+        EIO, EACCES: anything but a damaged file or something other than a
+        file in its place) is left where it is and named in ``unread``.
+
+        Not ``full``, it only lists the messages (setting aside damaged
+        ones), leaving out those in ``skip``: it may then run while messages
+        are stored and removed, since it leaves tmp/, free/ and the pool
+        alone (a retry after a failed recovery, or of what it could not
+        read).
         """
         removed: list[str] = []
         self.problems = []
+        self.unread = []
         if full:
             self._sweep(removed)
         messages = self._names(self.message)
@@ -660,22 +731,26 @@ class SpoolStore:
             self._remove_orphans(messages, envelopes, contents, removed)
 
         found = []
-        for name in sorted(messages | (envelopes & contents)):
+        for name in sorted((messages | (envelopes & contents)) - skip):
             try:
                 message = self._read_override(name)
                 if name in messages:
                     # Read even when a newer envelope wins over it: a message
                     # file that cannot be read is never delivered.
-                    head, _ = self._read_message_file(name, whole=False)
-                    message = message or QueuedMessage.from_json(head)
+                    written, _ = self._file_message(name, whole=False)
+                    message = message or written
                 if message is None:
                     raise ValueError(f"{name} has no envelope")
             except FileNotFoundError:
                 # Delivered or deleted since it was listed.
                 continue
-            except Exception:
-                # Whatever is wrong with it, it must not stop the others.
-                # Never deleted unread: its files go aside, out of the queue.
+            except Exception as error:
+                if isinstance(error, OSError) and error.errno not in _NOT_A_FILE:
+                    # It may pass (EMFILE, EIO, EACCES): tried again later.
+                    self.unread.append((name, str(error)))
+                    continue
+                # Damaged, or not a file: whatever it is, it must not stop
+                # the others.  Never deleted unread: its files go aside.
                 self._recover_step(
                     os.path.join("message" if name in messages else "envelope", name),
                     removed,
@@ -871,8 +946,12 @@ class Spool(Service):
         return recovered.addBoth(self._release_writers)
 
     async def _list_again(self) -> int:
+        # Messages scheduled or in delivery are known already.
+        known = frozenset(self.schedule.ids()) | frozenset(self._in_flight)
         try:
-            result = await self._run_io(lambda: self.store.recover(full=False))
+            result = await self._run_io(
+                lambda: self.store.recover(full=False, skip=known)
+            )
         except Exception:
             return self._recovery_failed(Failure())
         return self._recovered(result)
@@ -926,6 +1005,18 @@ class Spool(Service):
                 " delivered; remove or repair it by hand",
                 name=name,
                 reason=reason,
+            )
+        for name, reason in self.store.unread:
+            maillog.error(
+                "could not read queued message {name} ({reason}): trying again"
+                " in {delay:.0f} s",
+                name=name,
+                reason=reason,
+                delay=RECOVERY_RETRY,
+            )
+        if self.store.unread and self._recovery_timer is None:
+            self._recovery_timer = self._reactor.callLater(
+                RECOVERY_RETRY, self._retry_recovery
             )
         for item in found:
             # The lifetime applies to messages queued before it changed.

@@ -6,6 +6,7 @@ mailx (an envelope and a content file a message) still delivered.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -343,12 +344,12 @@ def test_a_failed_recovery_is_logged_and_tried_again(
     real_recover = SpoolStore.recover
 
     def flaky(
-        self: SpoolStore, full: bool = True
+        self: SpoolStore, full: bool = True, skip: frozenset[str] = frozenset()
     ) -> tuple[list[spool.Recovered], list[str]]:
         attempts.append(full)
         if len(attempts) == 1:
             raise PermissionError(13, "Permission denied", str(tmp_path / "message"))
-        return real_recover(self, full)
+        return real_recover(self, full, skip)
 
     monkeypatch.setattr(SpoolStore, "recover", flaky)
     agent = ScriptedAgent(clock)
@@ -449,3 +450,179 @@ def test_a_file_left_in_free_gets_the_spools_mode(tmp_path: Path) -> None:
     assert (tmp_path / "message" / "NEW").stat().st_ino == inode
     assert (tmp_path / "message" / "NEW").stat().st_mode & 0o777 == 0o600
     assert os.listdir(tmp_path / "free") == []
+
+
+def fail_replace_into(
+    monkeypatch: pytest.MonkeyPatch, suffix: str, number: int = errno.ENOSPC
+) -> None:
+    """Make ``os.replace`` fail for destinations ending with ``suffix``."""
+    real = os.replace
+
+    def replace(source: str, destination: str) -> None:
+        if str(destination).endswith(suffix):
+            raise OSError(number, os.strerror(number), destination)
+        real(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_full_disk_never_delivers_a_message_twice(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When free/ cannot take one more entry (a full disk), a delivered
+    message's file is unlinked instead of kept: it leaves the queue and is
+    not delivered again at the next retry."""
+    agent = ScriptedAgent(clock)
+    queue = make_spool(tmp_path, clock, agent)
+    queue.startService()
+    fail_replace_into(monkeypatch, os.sep + "free" + os.sep + "ONCE")
+
+    result_of(queue.enqueue(envelope("bob", message_id="ONCE"), CONTENT))
+    clock.advance(3 * spool.DEFAULT_MIN_RETRY)
+
+    assert len(agent.calls) == 1
+    assert queued_ids(tmp_path) == []
+    assert os.listdir(tmp_path / "free") == []
+
+
+def test_a_rename_that_fails_fails_its_own_change_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One new message that cannot be renamed into message/ is refused
+    alone: the other new message and the removal of its batch are done."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "R")
+    fail_replace_into(monkeypatch, os.sep + "message" + os.sep + "A")
+
+    results = store.apply(
+        [
+            spool.StoreNew(new_message("A"), CONTENT),
+            spool.StoreNew(new_message("B"), CONTENT),
+            spool.Remove("R"),
+        ]
+    )
+
+    assert isinstance(results[0], OSError)
+    assert results[1:] == [None, True]
+    assert store.ids() == ["B"]
+    assert os.listdir(tmp_path / "free") == ["R"]
+
+
+def test_a_failed_commit_leaves_no_file_of_its_messages(tmp_path: Path) -> None:
+    """When the sync of a batch fails, the kept file its new message was
+    written into is removed, not left in free/ with the refused octets."""
+    failing: list[bool] = []
+
+    def syncfs(descriptor: int) -> None:
+        if failing:
+            raise OSError(errno.EIO, "Input/output error")
+
+    store = SpoolStore(str(tmp_path), syncfs=syncfs)
+    store.prepare()
+    store_one(store, "OLD")
+    store.remove_batch(["OLD"])
+    failing.append(True)
+
+    with pytest.raises(OSError):
+        store.apply([spool.StoreNew(new_message("A"), CONTENT)])
+
+    assert os.listdir(tmp_path / "free") == []
+
+
+def test_tidying_up_after_the_commit_cannot_refuse_a_stored_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error removing a finished message's leftover envelope, after the
+    batch is durable, does not turn the new message of the same batch into
+    a refusal: it is stored, and said to be."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "R")
+    store.rewrite(new_message("R"))
+    real = os.unlink
+
+    def unlink(path: str) -> None:
+        if str(path).endswith(os.sep + "envelope" + os.sep + "R"):
+            raise OSError(errno.EACCES, "Permission denied", path)
+        real(path)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+
+    results = store.apply(
+        [spool.StoreNew(new_message("A"), CONTENT), spool.Remove("R")]
+    )
+
+    assert results == [None, True]
+    assert store.ids() == ["A"]
+
+
+def test_a_file_linked_elsewhere_is_never_written_over(tmp_path: Path) -> None:
+    """A removed message's file with another link (a snapshot of the queue
+    made with cp -al) is not kept for reuse: the snapshot keeps its octets."""
+    queue = tmp_path / "queue"
+    store = SpoolStore(str(queue))
+    store.prepare()
+    store_one(store, "OLD", b"old message\r\n")
+    os.link(queue / "message" / "OLD", tmp_path / "snapshot")
+    store.remove_batch(["OLD"])
+
+    store_one(store, "NEW", b"new message\r\n")
+
+    assert (tmp_path / "snapshot").read_bytes().endswith(b"old message\r\n")
+
+
+def test_a_message_that_cannot_be_read_for_now_is_kept_and_tried_again(
+    tmp_path: Path, clock: Clock, mail_log: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A passing error reading queued messages at start (too many open
+    files) sets nothing aside: the mail log names them, and they are read
+    and delivered when recovery tries again."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "M1")
+    real = os.open
+    refusing = [True]
+
+    def refuse(path: str, flags: int, mode: int = 0o777) -> int:
+        if refusing and os.sep + "message" + os.sep in str(path):
+            raise OSError(errno.EMFILE, "Too many open files", path)
+        return real(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", refuse)
+    agent = ScriptedAgent(clock)
+    queue = make_spool(tmp_path, clock, agent)
+    queue.startService()
+
+    assert not (tmp_path / "corrupt").exists()
+    assert [line for line in mail_log if line.startswith("could not read")] == [
+        "could not read queued message M1 ([Errno 24] Too many open files:"
+        f" '{tmp_path / 'message' / 'M1'}'): trying again in 60 s"
+    ]
+    refusing.clear()
+    clock.advance(spool.RECOVERY_RETRY)
+    assert [call.envelope.message_id for call in agent.calls] == ["M1"]
+
+
+def test_a_message_whose_file_is_reused_while_read_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a message whose file the server removes and reuses for
+    another meanwhile (mailx queue show while the server works) finds it
+    gone, never the other message's octets under its name."""
+    server = SpoolStore(str(tmp_path))
+    server.prepare()
+    store_one(server, "A", b"Subject: for A\r\n\r\n")
+    real = spool._open_spool_file
+
+    def racing(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat_result]:
+        opened = real(path, flags, mode)
+        if path.endswith(os.sep + "message" + os.sep + "A"):
+            server.apply([spool.Remove("A")])
+            other = b"Subject: for B\r\n\r\n"
+            server.apply([spool.StoreNew(new_message("B", other), other)])
+        return opened
+
+    monkeypatch.setattr(spool, "_open_spool_file", racing)
+    with pytest.raises(FileNotFoundError):
+        SpoolStore(str(tmp_path)).load_with_content("A")
