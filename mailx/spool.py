@@ -334,8 +334,9 @@ class SpoolStore:
         # messages it could not read for now: (name, why).
         self.problems: list[tuple[str, str]] = []
         self.unread: list[tuple[str, str]] = []
-        # Names in free/ ready to be overwritten.  Commits and removals run
-        # in different threads: deque's append and pop are atomic.
+        # Names in free/ ready to be overwritten.  Only ``apply`` (one batch
+        # at a time: the Spool's GroupJob) and a full recovery (before any
+        # writer starts) change it.
         self._pool: deque[str] = deque()
 
     def _fault(self, point: str) -> None:
