@@ -454,15 +454,25 @@ class SpoolStore:
         """
         The syncs and renames of ``apply``.  A rename that fails fails its
         own change only, its error in ``results`` (a full disk can refuse a
-        rename for want of a directory entry); a sync that fails raises.
+        rename for want of a directory entry); so does the first sync, for
+        the new messages; the last sync raises if it fails.
         Return what ``_take_out`` did for each removal, by index.
         """
         taken: dict[int, str] = {}
         touched: list[str] = []
-        if written:
-            if self._syncfs is not None:
+        if written and self._syncfs is not None:
+            try:
                 # One syncfs of the file system covers every file written.
                 durable.sync_directories([self.free], self._syncfs)
+            except OSError as error:
+                # The new messages are not durable, so not stored; the
+                # removals (of messages delivered already) go on.
+                for i, _, slot in written:
+                    results[i] = error
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.free, slot))
+                written = []
+        if written:
             self._fault("synced")
             for i, message_id, slot in written:
                 try:

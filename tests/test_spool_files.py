@@ -509,25 +509,33 @@ def test_a_rename_that_fails_fails_its_own_change_only(
     assert os.listdir(tmp_path / "free") == ["R"]
 
 
-def test_a_failed_commit_leaves_no_file_of_its_messages(tmp_path: Path) -> None:
-    """When the sync of a batch fails, the kept file its new message was
-    written into is removed, not left in free/ with the refused octets."""
+def test_a_failed_first_sync_refuses_the_new_messages_only(tmp_path: Path) -> None:
+    """When the sync of a batch's new files fails, its new messages are
+    refused, the kept file written for one of them is removed (not left in
+    free/ with the refused octets), and the batch's removals (of messages
+    delivered already) are done all the same."""
     failing: list[bool] = []
 
     def syncfs(descriptor: int) -> None:
         if failing:
+            failing.pop()
             raise OSError(errno.EIO, "Input/output error")
 
     store = SpoolStore(str(tmp_path), syncfs=syncfs)
     store.prepare()
     store_one(store, "OLD")
+    store_one(store, "DONE")
     store.remove_batch(["OLD"])
     failing.append(True)
 
-    with pytest.raises(OSError):
-        store.apply([spool.StoreNew(new_message("A"), CONTENT)])
+    results = store.apply(
+        [spool.StoreNew(new_message("A"), CONTENT), spool.Remove("DONE")]
+    )
 
-    assert os.listdir(tmp_path / "free") == []
+    assert isinstance(results[0], OSError)
+    assert results[1] is True
+    assert store.ids() == []
+    assert os.listdir(tmp_path / "free") == ["DONE"]
 
 
 def test_tidying_up_after_the_commit_cannot_refuse_a_stored_message(
