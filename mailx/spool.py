@@ -426,24 +426,27 @@ class SpoolStore:
             raise
         # Past the commit point: a failure to tidy up is no failure of the
         # batch (recovery removes what is left).
-        with contextlib.suppress(OSError):
-            for i, removal in removals:
-                if taken.get(i) == "message":
-                    if removal.reuse:
-                        self._keep(removal.message_id)
-                    else:
-                        os.unlink(os.path.join(self.free, removal.message_id))
-                if taken.get(i):
-                    for path in (
-                        self.envelope_path(removal.message_id),
-                        self.content_path(removal.message_id),
-                    ):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-        for i, _ in removals:
+        for i, removal in removals:
             if i in taken:
                 results[i] = bool(taken[i])
+                with contextlib.suppress(OSError):
+                    self._tidy_up(removal, taken[i])
         return results
+
+    def _tidy_up(self, removal: Remove, taken: str) -> None:
+        """After a removal is durable: its file kept or unlinked, leftovers gone."""
+        if taken == "message":
+            if removal.reuse:
+                self._keep(removal.message_id)
+            else:
+                os.unlink(os.path.join(self.free, removal.message_id))
+        if taken:
+            for path in (
+                self.envelope_path(removal.message_id),
+                self.content_path(removal.message_id),
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def _commit(
         self,

@@ -543,26 +543,34 @@ def test_tidying_up_after_the_commit_cannot_refuse_a_stored_message(
 ) -> None:
     """An error removing a finished message's leftover envelope, after the
     batch is durable, does not turn the new message of the same batch into
-    a refusal: it is stored, and said to be."""
+    a refusal, nor keep the other finished message's file from reuse."""
     store = SpoolStore(str(tmp_path))
     store.prepare()
-    store_one(store, "R")
-    store.rewrite(new_message("R"))
+    store_one(store, "R1")
+    store_one(store, "R2")
+    store.rewrite(new_message("R1"))
+    inode = (tmp_path / "message" / "R2").stat().st_ino
     real = os.unlink
 
     def unlink(path: str) -> None:
-        if str(path).endswith(os.sep + "envelope" + os.sep + "R"):
+        if str(path).endswith(os.sep + "envelope" + os.sep + "R1"):
             raise OSError(errno.EACCES, "Permission denied", path)
         real(path)
 
     monkeypatch.setattr(os, "unlink", unlink)
 
     results = store.apply(
-        [spool.StoreNew(new_message("A"), CONTENT), spool.Remove("R")]
+        [
+            spool.StoreNew(new_message("A"), CONTENT),
+            spool.Remove("R1"),
+            spool.Remove("R2"),
+        ]
     )
 
-    assert results == [None, True]
+    assert results == [None, True, True]
     assert store.ids() == ["A"]
+    store_one(store, "NEXT")
+    assert (tmp_path / "message" / "NEXT").stat().st_ino == inode
 
 
 def test_a_file_linked_elsewhere_is_never_written_over(tmp_path: Path) -> None:
