@@ -69,13 +69,23 @@ Miss = tuple[Mailbox, OSError]
 JobErrors = list[OSError | None]
 
 
+class MaildirCommit(Protocol):
+    """
+    Writes Maildirs in batches: each submission is the (Maildir, stored
+    form) jobs of one message, and the submissions that wait together share
+    one sync (``maildir.deliver_batch``).  A submission fires with the
+    error of each of its jobs, None for one that was written; it fails only
+    when the batch failed as a whole.  The server uses a delivery agent
+    process (``mailx.maildir_agent``); ``GroupCommit`` does it in threads.
+    """
+
+    def submit(self, item: list[tuple[str, bytes]]) -> Deferred[JobErrors]: ...
+
+
 class GroupCommit(GroupJob[list[tuple[str, bytes]], JobErrors]):
     """
-    Maildir deliveries in batches: each submission is the (Maildir, stored
-    form) jobs of one message, and all the submissions waiting when a batch
-    starts share one sync (``maildir.deliver_batch``).  A submission fires
-    with the error of each of its jobs, None for one that was written; it
-    fails only when the batch failed as a whole.
+    A ``MaildirCommit`` in this process, one batch at a time in a thread:
+    where the reactor cannot start processes, and in tests.
     """
 
     def __init__(self, run_io: IORunner) -> None:
@@ -98,7 +108,7 @@ def _deliver_submissions(
 class LocalStore:
     """Writes messages into the Maildirs of local recipients."""
 
-    def __init__(self, root: str, mailboxes: Mailboxes, commit: GroupCommit) -> None:
+    def __init__(self, root: str, mailboxes: Mailboxes, commit: MaildirCommit) -> None:
         self.root = root
         self.mailboxes = mailboxes
         self.commit = commit

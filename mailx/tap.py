@@ -23,7 +23,11 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IReactorFromThreads,
+    IReactorProcess,
+    IReactorTime,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
     globalLogPublisher,
@@ -37,12 +41,19 @@ from mailx import local as local_recipients
 from mailx.backup import backup_check_from_config
 from mailx.config import Config, ConfigError, load_config
 from mailx.files import open_regular_for_append
+from mailx.maildir_agent import MaildirAgent
 from mailx.maillog import MailLogFile, maillog
 from mailx.maillog import router as maillog_router
 from mailx.outbound import agent_from_config
 from mailx.policy import RelayPolicy
 from mailx.protocol import ConnectionLimits, ListenerSettings, SMTPServerFactory
-from mailx.router import GroupCommit, LocalFirstAgent, LocalStore, Router
+from mailx.router import (
+    GroupCommit,
+    LocalFirstAgent,
+    LocalStore,
+    MaildirCommit,
+    Router,
+)
 from mailx.session import SessionConfig
 from mailx.spool import DeliveryAgent, Spool
 from mailx.tls import ReloadableContext, TLSConfigError
@@ -245,12 +256,23 @@ class MailxService(MultiService):
     def stopService(self) -> Deferred[None] | None:
         for factory in self.factories:
             factory.shut_down()
-        result = super().stopService()  # type: ignore[no-untyped-call]
+        agent = self.parts.agent if self.parts is not None else None
+        if agent is not None:
+            # The delivery agent answers what it has first (a message it
+            # could not write still goes to the spool, which is running);
+            # from now on local copies go to the spool.
+            stopping = agent.stop()
+            stopping.addCallback(lambda _: self._stop_services())
+            return stopping.addBoth(self._close_mail_log)
+        result = self._stop_services()
         # The spool may still log while its attempts end: close afterwards.
         if isinstance(result, Deferred):
             return result.addBoth(self._close_mail_log)
         self._close_mail_log(None)
         return None
+
+    def _stop_services(self) -> Deferred[None] | None:
+        return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
 
     def _close_mail_log(self, result: object) -> None:
         if self._mail_log_file is not None:
@@ -434,7 +456,14 @@ class _Parts:
         def run_io(work: Callable[[], _T]) -> Deferred[_T]:
             return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
-        self.store = LocalStore(config.mailboxes.root, mailboxes, GroupCommit(run_io))
+        # Maildirs are written by a delivery agent process (mailx.deliveryagent).
+        self.agent: MaildirAgent | None = None
+        commit: MaildirCommit
+        if IReactorProcess.providedBy(reactor):
+            self.agent = commit = MaildirAgent(reactor)
+        else:
+            commit = GroupCommit(run_io)
+        self.store = LocalStore(config.mailboxes.root, mailboxes, commit)
         self.policy = RelayPolicy(
             config.domains.local,
             config.domains.backup,
