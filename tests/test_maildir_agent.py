@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import smtplib
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +46,8 @@ def new_files(maildir: Path) -> list[bytes]:
 
 class AgentTests(TestCase):
     def setUp(self) -> None:
-        self.root = Path(self.mktemp()).resolve()  # type: ignore[no-untyped-call]
-        self.root.mkdir()
+        self.root = Path(tempfile.mkdtemp(prefix="mailx-agent-"))
+        self.addCleanup(shutil.rmtree, self.root, True)
         self.log = MailLogObserver()
         globalLogPublisher.addObserver(self.log)
         self.addCleanup(globalLogPublisher.removeObserver, self.log)
