@@ -285,6 +285,17 @@ class Remove:
 SpoolChange = StoreNew | Remove
 
 
+class SpoolChanges(Protocol):
+    """
+    Applies changes in batches (``SpoolStore.apply``): a ``GroupJob`` in
+    this process, or the spool agent (``mailx.agentprocess.SpoolAgent``).
+    """
+
+    def submit(self, item: SpoolChange) -> Deferred[bool | None]: ...
+
+    def drained(self) -> Deferred[None]: ...
+
+
 @dataclass(frozen=True)
 class Recovered:
     """One message found on disk at start: what scheduling needs."""
@@ -789,7 +800,13 @@ class SpoolStore:
                 self.problems.append((os.path.join("tmp", entry.name), str(error)))
                 continue
             removed.append(os.path.join("tmp", entry.name))
-        # Files in free/ are never messages, whatever they hold.
+        self.fill_pool()
+
+    def fill_pool(self) -> None:
+        """
+        Keep what free/ holds for reuse, up to ``POOL_FILES`` files; unlink
+        the rest.  Files in free/ are never messages, whatever they hold.
+        """
         self._pool.clear()
         for entry in os.scandir(self.free):
             with contextlib.suppress(OSError):
@@ -884,6 +901,7 @@ class Spool(Service):
         run_io: IORunner | None = None,
         max_parallel: int = MAX_PARALLEL,
         fault_hook: Callable[[str], None] | None = None,
+        changes: SpoolChanges | None = None,
     ) -> None:
         self._reactor = reactor
         self._agent = agent
@@ -910,8 +928,10 @@ class Spool(Service):
         self._locks: dict[str, DeferredLock] = {}
         self._timer: IDelayedCall | None = None
         self._recovery_timer: IDelayedCall | None = None
-        # New messages and removals share batches, and so their syncs.
-        self._changes: GroupJob[SpoolChange, bool | None] = GroupJob(
+        # New messages and removals share batches, and so their syncs: in
+        # the spool agent's process (mailx.agents) or, without one, in a
+        # thread of this one.
+        self._changes: SpoolChanges = changes or GroupJob(
             self._run_io, self.store.apply
         )
         # Fresh messages not yet tried, with their content, oldest first.

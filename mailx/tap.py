@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any, ClassVar, TypeVar, cast
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -38,10 +38,10 @@ from twisted.python.failure import Failure
 
 from mailx import auth
 from mailx import local as local_recipients
+from mailx.agentprocess import MaildirAgent, SpoolAgent
 from mailx.backup import backup_check_from_config
 from mailx.config import Config, ConfigError, load_config
 from mailx.files import open_regular_for_append
-from mailx.maildir_agent import MaildirAgent
 from mailx.maillog import MailLogFile, maillog
 from mailx.maillog import router as maillog_router
 from mailx.outbound import agent_from_config
@@ -222,6 +222,7 @@ class MailxService(MultiService):
         self.clock = clock
         self.factories: list[SMTPServerFactory] = []
         self.workers: WorkerPool | None = None
+        self.spool_agent: SpoolAgent | None = None
         # What SIGHUP reloads besides the certificate (set by build_service).
         self.parts: _Parts | None = None
         self._mail_log_file: IO[str] | None = None
@@ -257,19 +258,17 @@ class MailxService(MultiService):
         for factory in self.factories:
             factory.shut_down()
         agent = self.parts.agent if self.parts is not None else None
-        if agent is not None:
-            # The delivery agent answers what it has first (a message it
-            # could not write still goes to the spool, which is running);
-            # from now on local copies go to the spool.
-            stopping = agent.stop()
-            stopping.addCallback(lambda _: self._stop_services())
-            return stopping.addBoth(self._close_mail_log)
-        result = self._stop_services()
+        # The Maildir delivery agent answers what it has first (a message
+        # it could not write still goes to the spool, which is running);
+        # from now on local copies go to the spool.  The spool agent stops
+        # after the spool, which waits for the changes under way.
+        stopping = agent.stop() if agent is not None else succeed(None)
+        stopping.addCallback(lambda _: self._stop_services())
+        if self.spool_agent is not None:
+            spool_agent = self.spool_agent
+            stopping.addBoth(lambda _: spool_agent.stop())
         # The spool may still log while its attempts end: close afterwards.
-        if isinstance(result, Deferred):
-            return result.addBoth(self._close_mail_log)
-        self._close_mail_log(None)
-        return None
+        return stopping.addBoth(self._close_mail_log)
 
     def _stop_services(self) -> Deferred[None] | None:
         return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
@@ -357,6 +356,7 @@ def makeService(options: Options) -> IService:
         reactor,
         options.users,
         config_path=options["config"],
+        queue_lock=options.queue_lock,
     )
 
 
@@ -368,11 +368,21 @@ def build_service(
     users: auth.Users | None = None,
     outbound: DeliveryAgent | None = None,
     config_path: str | None = None,
+    queue_lock: IO[str] | None = None,
 ) -> MailxService:
     """Assemble the whole server; tests call this with their own reactor."""
     service = MailxService(config, tls, reactor)
     parts = _Parts(config, tls, mailboxes, reactor, users)
     service.parts = parts
+    if IReactorProcess.providedBy(reactor):
+        # The spool's new messages and removals are written by an agent.
+        # It holds the queue's lock too, so that a server started after
+        # this one was killed waits for it to finish its last batch.
+        service.spool_agent = SpoolAgent(
+            reactor,
+            config.queue.directory,
+            lock=queue_lock.fileno() if queue_lock is not None else None,
+        )
     if outbound is None:
         outbound = agent_from_config(reactor, config)
     agent = LocalFirstAgent(parts.store, config.domains.local, outbound)
@@ -387,6 +397,7 @@ def build_service(
         delay_warning=config.queue.delay_warning,
         bounce_copy_to=config.queue.bounce_copy_to or None,
         control_socket=config.server.control_socket,
+        changes=service.spool_agent,
     )
     spool.setServiceParent(service)  # type: ignore[no-untyped-call]
     agent.requeue = spool.enqueue

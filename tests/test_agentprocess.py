@@ -1,6 +1,6 @@
 """
-The server's side of the Maildir delivery agent (mailx.maildir_agent) with a
-real agent process, and the real server when its agent dies.
+The server's side of its agents (mailx.agentprocess) with real agent
+processes, and the real server when its agents die.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import smtplib
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,13 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from mailx import maildir_agent
-from mailx.maildir_agent import MaildirAgent
+from mailx import agentprocess
+from mailx.agentprocess import MaildirAgent, SpoolAgent
+from mailx.spool import Remove, SpoolStore, StoreNew
 from tests.conftest import MailLogObserver
 from tests.mailxproc import MailxProcess, basic_config, free_port
+from tests.test_spool import CONTENT
+from tests.test_spool_files import new_message
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +42,11 @@ BABBLING = [
     "-c",
     "import os; os.read(0, 100); os.write(1, b'nonsense\\n'); os.read(0, 100)",
 ]
+
+
+def pid_of(agent: MaildirAgent) -> int:
+    assert agent.transport is not None
+    return int(agent.transport.pid)
 
 
 def new_files(maildir: Path) -> list[bytes]:
@@ -73,11 +82,11 @@ class AgentTests(TestCase):
         assert errors[0] is None
         assert isinstance(errors[1], OSError)
         assert errors[1].errno in (errno.EEXIST, errno.ENOTDIR)
-        first = agent.transport.pid  # type: ignore[union-attr]
+        first = pid_of(agent)
         big = os.urandom(2 * 1024 * 1024)
         assert await agent.submit([(str(alice), big)]) == [None]
         # One agent for many submissions.
-        assert agent.transport.pid == first  # type: ignore[union-attr]
+        assert pid_of(agent) == first
         assert new_files(alice) == sorted([b"first", big])
         await agent.stop()
         assert not agent.running
@@ -85,26 +94,26 @@ class AgentTests(TestCase):
     async def test_submissions_in_flight_fail_when_the_agent_dies(self) -> None:
         agent = self.agent(SILENT)
         pending = agent.submit([(str(self.root / "a"), b"x")])
-        agent.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        assert agent.transport is not None
+        agent.transport.signalProcess("KILL")
         with pytest.raises(OSError) as failed:
             await pending
         assert failed.value.errno == errno.EIO
         assert "signal 9" in str(failed.value)
         assert any(
-            "maildir delivery agent ended (signal 9) with 1 deliveries unconfirmed"
-            in line
+            "maildir delivery agent ended (signal 9) with 1 requests unanswered" in line
             for line in self.log.lines
         )
 
     async def test_the_next_delivery_starts_a_new_agent(self) -> None:
         agent = self.agent()
         assert await agent.submit([(str(self.root / "a"), b"1")]) == [None]
-        first = agent.transport.pid  # type: ignore[union-attr]
+        first = pid_of(agent)
         os.kill(first, signal.SIGKILL)
         while agent.running:  # bounded: the kill ends it at once
             await pause(0.01)
         assert await agent.submit([(str(self.root / "a"), b"2")]) == [None]
-        assert agent.transport.pid != first  # type: ignore[union-attr]
+        assert pid_of(agent) != first
         assert new_files(self.root / "a") == [b"1", b"2"]
         await agent.stop()
 
@@ -113,7 +122,7 @@ class AgentTests(TestCase):
 
         @implementer(ILogObserver)
         def keep(event: LogEvent) -> None:
-            if event.get("log_namespace") == "mailx.maildir_agent":
+            if event.get("log_namespace") == "mailx.agentprocess":
                 said.append(formatEvent(event))
 
         globalLogPublisher.addObserver(keep)
@@ -156,7 +165,7 @@ class AgentTests(TestCase):
     async def test_an_agent_that_does_not_finish_is_killed_at_stop(self) -> None:
         agent = self.agent([sys.executable, "-c", "import signal; signal.pause()"])
         pending = agent.submit([(str(self.root / "a"), b"x")])
-        self.patch(maildir_agent, "STOP_TIMEOUT", 0.2)  # type: ignore[no-untyped-call]
+        self.patch(agentprocess, "STOP_TIMEOUT", 0.2)  # type: ignore[no-untyped-call]
         await agent.stop()
         with pytest.raises(OSError):
             await pending
@@ -167,10 +176,24 @@ def pause(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
 
-def agent_pids(server_pid: int) -> list[int]:
-    """The server's child processes: its delivery agent."""
+def agent_pid(server_pid: int, kind: str) -> int | None:
+    """The pid of the server's agent of ``kind`` (maildir, spool), if running."""
     children = Path(f"/proc/{server_pid}/task/{server_pid}/children")
-    return [int(pid) for pid in children.read_text().split()]
+    for pid in children.read_text().split():
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if kind.encode() in arguments:
+            return int(pid)
+    return None
+
+
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def test_the_server_survives_its_agent_and_loses_no_mail(tmp_path: Path) -> None:
@@ -187,18 +210,16 @@ def test_the_server_survives_its_agent_and_loses_no_mail(tmp_path: Path) -> None
             client.sendmail(
                 "s@example.net", ["alice@example.org"], b"Subject: 1\r\n\r\n"
             )
-        (first,) = agent_pids(server.process.pid)
+        first = agent_pid(server.process.pid, "maildir")
+        assert first is not None
         os.kill(first, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while "maildir delivery agent ended" not in server.log():
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.05)
+        wait_for(lambda: "maildir delivery agent ended" in server.log(), server.log())
         with smtplib.SMTP(server.address, server.port, timeout=30) as client:
             client.sendmail(
                 "s@example.net", ["alice@example.org"], b"Subject: 2\r\n\r\n"
             )
-        (second,) = agent_pids(server.process.pid)
-        assert second != first
+        second = agent_pid(server.process.pid, "maildir")
+        assert second is not None and second != first
         subjects = [
             line
             for message in server.messages("example.org", "alice")
@@ -207,10 +228,122 @@ def test_the_server_survives_its_agent_and_loses_no_mail(tmp_path: Path) -> None
         ]
         assert sorted(subjects) == [b"Subject: 1", b"Subject: 2"]
         assert (
-            "maildir delivery agent ended (signal 9) with 0 deliveries unconfirmed"
+            "maildir delivery agent ended (signal 9) with 0 requests unanswered"
             in server.log()
         )
     finally:
         server.stop()
     # The stopping server closed the agent's input, waited for it and reaped it.
     assert not Path(f"/proc/{second}").exists()
+
+
+class SpoolAgentTests(TestCase):
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="mailx-spool-agent-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.store = SpoolStore(self.directory)
+        self.store.prepare()
+        self.agent = SpoolAgent(reactor, self.directory)
+        self.addCleanup(self.agent.stop)
+
+    async def test_changes_are_applied_and_reported(self) -> None:
+        stored = await self.agent.submit(StoreNew(new_message("A"), CONTENT))
+        assert stored is None
+        assert self.store.load_with_content("A") == (new_message("A"), CONTENT)
+        assert await self.agent.submit(Remove("A")) is True
+        assert await self.agent.submit(Remove("A")) is False
+        assert self.store.ids() == []
+        await self.agent.drained()
+
+    async def test_a_change_that_failed_fails_alone(self) -> None:
+        Path(self.directory, "free", "B").mkdir()
+        refused = self.agent.submit(StoreNew(new_message("B"), CONTENT))
+        stored = self.agent.submit(StoreNew(new_message("C"), CONTENT))
+        with pytest.raises(OSError):
+            await refused
+        assert await stored is None
+        assert self.store.ids() == ["C"]
+
+    async def test_drained_waits_for_every_answer(self) -> None:
+        changes = [
+            self.agent.submit(StoreNew(new_message(name), CONTENT)) for name in "DEF"
+        ]
+        await self.agent.drained()
+        assert all(change.called for change in changes)
+        assert self.store.ids() == ["D", "E", "F"]
+
+
+def relaying_server(tmp_path: Path) -> MailxProcess:
+    """A started server relaying for loopback to a next hop that is down."""
+    port = free_port()
+    extra = f"""
+[relay]
+networks = ["127.0.0.0/8"]
+
+[delivery]
+smarthost = "127.0.0.1:{free_port()}"
+
+[dns]
+servers = ["127.0.0.1:{free_port()}"]
+"""
+    server = MailxProcess(tmp_path / "mx", basic_config(port, extra=extra), port=port)
+    server.start()
+    return server
+
+
+def test_a_relaying_server_survives_its_spool_agent(tmp_path: Path) -> None:
+    """
+    The spool agent killed between two relayed messages: the second is
+    queued by a new agent, both stay queued for the next hop (none is up).
+    """
+    server = relaying_server(tmp_path)
+    queue = SpoolStore(str(server.workdir / "var/mailx/queue"))
+    try:
+        assert server.process is not None
+        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+            client.sendmail("s@example.org", ["r@far.test"], b"Subject: 1\r\n\r\n")
+        first = agent_pid(server.process.pid, "spool")
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: "spool agent ended" in server.log(), server.log())
+        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+            client.sendmail("s@example.org", ["r@far.test"], b"Subject: 2\r\n\r\n")
+        second = agent_pid(server.process.pid, "spool")
+        assert second is not None and second != first
+        # It holds the queue's lock as well as the server.
+        lock = server.workdir / "var/mailx/queue/lock"
+        assert os.readlink(f"/proc/{second}/fd/3") == str(lock)
+        subjects = sorted(
+            line
+            for message_id in queue.ids()
+            for line in queue.load_with_content(message_id)[1].splitlines()
+            if line.startswith(b"Subject:")
+        )
+        assert subjects == [b"Subject: 1", b"Subject: 2"]
+        assert "spool agent ended (signal 9) with 0 requests unanswered" in server.log()
+    finally:
+        server.stop()
+    assert not Path(f"/proc/{second}").exists()
+
+
+def test_the_agents_end_when_the_server_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the server: its agents read the end of their input and exit."""
+    server = relaying_server(tmp_path)
+    try:
+        assert server.process is not None
+        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+            client.sendmail("s@example.org", ["r@far.test"], b"Subject: 1\r\n\r\n")
+            client.sendmail("s@example.org", ["alice@example.org"], b"Subject: 2")
+        agents = [agent_pid(server.process.pid, kind) for kind in ("spool", "maildir")]
+    finally:
+        server.kill()
+    assert None not in agents
+    wait_for(lambda: all(ended(pid) for pid in agents if pid), f"{agents} run on")
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for whoever adopted it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
