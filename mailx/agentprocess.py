@@ -37,6 +37,7 @@ from mailx.agents import (
     os_error,
 )
 from mailx.maillog import maillog
+from mailx.sendnow import write_pipe_now
 from mailx.spool import Remove, SpoolChange, StoreNew
 
 _log = Logger()
@@ -103,7 +104,13 @@ class AgentProcess(ProcessProtocol):
         done: Deferred[dict[str, Any]] = Deferred()
         self._pending[self._number] = done
         assert self.transport is not None
-        self.transport.write(encode_submission(self._number, parts))
+        data = encode_submission(self._number, parts)
+        # At once when the pipe takes it: no turn of the reactor, no epoll_ctl.
+        stdin = getattr(self.transport, "pipes", {}).get(0)
+        if stdin is not None:
+            write_pipe_now(stdin, data)
+        else:
+            self.transport.write(data)
         return done
 
     def drained(self) -> Deferred[None]:
@@ -231,7 +238,9 @@ class MaildirAgent(AgentProcess):
             command if command is not None else agent_command("maildir"),
         )
 
-    def submit(self, jobs: Sequence[tuple[str, bytes]]) -> Deferred[JobErrors]:
+    def submit(
+        self, jobs: Sequence[tuple[str, bytes | tuple[bytes, ...]]]
+    ) -> Deferred[JobErrors]:
         """Fire with each job's error (None when written), in order."""
         if not jobs:
             return succeed([])

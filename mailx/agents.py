@@ -27,9 +27,10 @@ A submission::
     part count                  4 octets
     per part: its length (4 octets), its octets
 
-The Maildir agent takes two parts a job (the Maildir's path, the stored
-form) and answers ``{"id": N, "errors": [null or [ERRNO, "TEXT"], ...]}``,
-an error a job.  The spool agent takes ``store``, the message id, its
+The Maildir agent takes a message's copies (``maildir_parts``: where each
+goes, then their pieces, a body shared by the copies sent once) and
+answers ``{"id": N, "errors": [null or [ERRNO, "TEXT"], ...]}``, an error
+a job.  The spool agent takes ``store``, the message id, its
 envelope (JSON) and its content, or ``remove``, the message id and ``1`` to
 keep the file for reuse (``0`` not); it answers ``{"id": N, "result": R}``,
 R null (stored), true or false (removed; false if it was not there) or
@@ -179,25 +180,49 @@ def serve(handler: Handler, source: int = 0, sink: int = 1) -> None:
 # The Maildir delivery agent.
 
 
-def maildir_parts(jobs: Sequence[tuple[str, bytes]]) -> Parts:
-    """A message's Maildir jobs, (Maildir, stored form), as a submission's parts."""
-    return [piece for path, content in jobs for piece in (os.fsencode(path), content)]
+def maildir_parts(jobs: Sequence[tuple[str, bytes | tuple[bytes, ...]]]) -> Parts:
+    """
+    A message's Maildir jobs, (Maildir, stored form), as a submission's
+    parts: first where each job's pieces are (JSON: [[path, [piece, ...]],
+    ...]), then the pieces, each once however many jobs share it.
+    """
+    pieces: Parts = []
+    where: dict[int, int] = {}
+    layout = []
+    for path, content in jobs:
+        references = []
+        for piece in (content,) if isinstance(content, bytes) else content:
+            if id(piece) not in where:
+                where[id(piece)] = len(pieces)
+                pieces.append(piece)
+            references.append(where[id(piece)])
+        # A path that is not UTF-8 goes as its surrogate escapes.
+        layout.append([os.fsdecode(path), references])
+    return [json.dumps(layout).encode(), *pieces]
+
+
+def maildir_jobs(parts: Parts) -> list[tuple[str, tuple[bytes, ...]]]:
+    """The jobs ``maildir_parts`` made parts of."""
+    try:
+        layout = json.loads(parts[0])
+        return [
+            (str(path), tuple(parts[1 + int(i)] for i in references))
+            for path, references in layout
+        ]
+    except (ValueError, TypeError, IndexError) as error:
+        raise WireError(f"not Maildir jobs: {error}") from None
 
 
 def maildir_batch(submissions: list[Submission]) -> list[dict[str, Any]]:
     from mailx import maildir
 
-    jobs: list[tuple[str, bytes]] = []
-    for _, parts in submissions:
-        if len(parts) % 2:
-            raise WireError("a Maildir job without its content")
-        jobs += [(os.fsdecode(parts[i]), parts[i + 1]) for i in range(0, len(parts), 2)]
-    results = maildir.deliver_batch(jobs)
+    per_submission = [maildir_jobs(parts) for _, parts in submissions]
+    results = maildir.deliver_batch([job for jobs in per_submission for job in jobs])
     answers = []
     start = 0
-    for _, parts in submissions:
-        mine = results[start : start + len(parts) // 2]
-        start += len(parts) // 2
+    for jobs in per_submission:
+        mine = results[start : start + len(jobs)]
+        start += len(jobs)
         answers.append(
             {
                 "errors": [

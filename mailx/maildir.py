@@ -45,14 +45,23 @@ def to_stored_form(content: bytes, return_path: str, delivered_to: str) -> bytes
     ``return_path`` is the reverse path without brackets, "" for the null
     reverse path; ``delivered_to`` is the recipient address.
     """
+    return stored_header(return_path, delivered_to) + stored_body(content)
+
+
+def stored_header(return_path: str, delivered_to: str) -> bytes:
+    """The fields ``to_stored_form`` puts before the message, alone."""
     for value in (return_path, delivered_to):
         if "\r" in value or "\n" in value:
             raise ValueError(f"line break in a header value: {value!r}")
-
     # RFC 5321 section 4.4: the final delivery adds Return-Path with the reverse
     # path of the MAIL command, in angle brackets.
     header = f"Return-Path: <{return_path}>\nDelivered-To: {delivered_to}\n"
-    return header.encode("utf-8") + content.replace(b"\r\n", b"\n")
+    return header.encode("utf-8")
+
+
+def stored_body(content: bytes) -> bytes:
+    """The message as ``to_stored_form`` writes it after the fields."""
+    return content.replace(b"\r\n", b"\n")
 
 
 def unique_name(now: float | None = None, origin: tuple[int, str] | None = None) -> str:
@@ -174,7 +183,13 @@ _syncfs = durable.SYNCFS
 _ready: set[str] = set()
 
 
-def deliver_batch(jobs: Sequence[tuple[str, bytes]]) -> list[str | OSError]:
+# A message's stored form, whole or in pieces written one after the other:
+# the copies of one message for several Maildirs share its body (a field of
+# their own first), so that it is held once however many they are.
+StoredForm = bytes | tuple[bytes, ...]
+
+
+def deliver_batch(jobs: Sequence[tuple[str, StoredForm]]) -> list[str | OSError]:
     """
     Deliver many messages, each ``(maildir, stored form)``: write them into
     tmp/, make them durable, rename them into new/ and make the renames
@@ -229,12 +244,13 @@ def deliver_batch(jobs: Sequence[tuple[str, bytes]]) -> list[str | OSError]:
     return results
 
 
-def _write_unsynced(path: str, content: bytes) -> int:
+def _write_unsynced(path: str, content: StoredForm) -> int:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MESSAGE_MODE)
     try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(descriptor, view) :]
+        for piece in (content,) if isinstance(content, bytes) else content:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(descriptor, view) :]
     except OSError:
         os.close(descriptor)
         _remove_quietly(path)

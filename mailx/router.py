@@ -67,6 +67,8 @@ Resolved = tuple[Recipient, Sequence[Mailbox]]
 Miss = tuple[Mailbox, OSError]
 # Per job of a submission, in order: None when it was written, or its error.
 JobErrors = list[OSError | None]
+# A message's copies: (Maildir, stored form) each.
+MaildirJobs = list[tuple[str, maildir.StoredForm]]
 
 
 class MaildirCommit(Protocol):
@@ -79,10 +81,10 @@ class MaildirCommit(Protocol):
     process (``mailx.maildir_agent``); ``GroupCommit`` does it in threads.
     """
 
-    def submit(self, item: list[tuple[str, bytes]]) -> Deferred[JobErrors]: ...
+    def submit(self, item: MaildirJobs) -> Deferred[JobErrors]: ...
 
 
-class GroupCommit(GroupJob[list[tuple[str, bytes]], JobErrors]):
+class GroupCommit(GroupJob[MaildirJobs, JobErrors]):
     """
     A ``MaildirCommit`` in this process, one batch at a time in a thread:
     where the reactor cannot start processes, and in tests.
@@ -93,7 +95,7 @@ class GroupCommit(GroupJob[list[tuple[str, bytes]], JobErrors]):
 
 
 def _deliver_submissions(
-    submissions: list[list[tuple[str, bytes]]],
+    submissions: list[MaildirJobs],
 ) -> list[JobErrors | OSError]:
     results = maildir.deliver_batch([job for jobs in submissions for job in jobs])
     outcomes: list[JobErrors | OSError] = []
@@ -162,11 +164,10 @@ class LocalStore:
                 entry[2].append(index)
         return_path = "" if reverse_path is None else str(reverse_path)
         paths = list(targets)
-        jobs = [
-            (
-                path,
-                maildir.to_stored_form(content, return_path, str(targets[path][1])),
-            )
+        # One body for every copy, each with its own Delivered-To field.
+        body = maildir.stored_body(content)
+        jobs: list[tuple[str, maildir.StoredForm]] = [
+            (path, (maildir.stored_header(return_path, str(targets[path][1])), body))
             for path in paths
         ]
         deferred = self.commit.submit(jobs)

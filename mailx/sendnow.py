@@ -25,9 +25,10 @@ writes the next one in the same call (``mailx.client``).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import process, tcp
 
 
 def write_now(transport: Any, data: bytes, producer: object = None) -> bool:
@@ -71,5 +72,35 @@ def _queue_empty(transport: Any, producer: object = None) -> bool:
         return bool(
             not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
         )
+    except AttributeError:
+        return False
+
+
+def write_pipe_now(writer: Any, data: bytes) -> None:
+    """
+    ``write_now`` for the pipe to an agent's standard input
+    (``mailx.agentprocess``): written at once when Twisted holds nothing
+    for it, the rest queued as ``writer.write`` does.
+    """
+    if data and _pipe_queue_empty(writer):
+        try:
+            sent = os.write(writer.fd, data)
+        except OSError:
+            # Full (BlockingIOError), or closed: the queue's way finds out.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    writer.write(data)
+
+
+def _pipe_queue_empty(writer: Any) -> bool:
+    """True for an open pipe to a process, with nothing queued to write."""
+    if not isinstance(writer, process.ProcessWriter):
+        return False
+    try:
+        if not writer.connected or writer.disconnecting or writer.producer:
+            return False
+        return bool(not writer._tempDataLen and writer.offset == len(writer.dataBuffer))
     except AttributeError:
         return False

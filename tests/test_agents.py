@@ -26,6 +26,7 @@ from mailx.agents import (
     encode_submission,
     error_of,
     maildir_batch,
+    maildir_jobs,
     maildir_parts,
     os_error,
     serve,
@@ -155,6 +156,37 @@ def test_the_maildir_agent_writes_each_job_and_answers_in_order(
     assert sorted(new_files(alice)) == sorted([b"one\r\n", big])
     assert new_files(odd) == [b"three"]
     assert list((alice / "tmp").iterdir()) == []
+
+
+def test_copies_of_one_message_carry_its_body_once(tmp_path: Path) -> None:
+    """Three Maildirs, one body: sent once, written into each after its field."""
+    body = os.urandom(100_000)
+    jobs = [
+        (str(tmp_path / name), (f"Delivered-To: {name}\n".encode(), body))
+        for name in ("a", "b", "c")
+    ]
+    parts = maildir_parts(jobs)
+    assert sum(len(part) for part in parts) < len(body) + 1000
+    answers = run_agent(maildir_batch, encode_submission(1, parts))
+    assert answers == [{"id": 1, "errors": [None, None, None]}]
+    for name in ("a", "b", "c"):
+        assert new_files(tmp_path / name) == [f"Delivered-To: {name}\n".encode() + body]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=20).filter(lambda p: "\0" not in p),
+            st.lists(st.sampled_from([b"", b"head\n", b"body" * 10]), max_size=3),
+        ),
+        max_size=4,
+    )
+)
+def test_maildir_jobs_go_through_the_wire_as_they_were(
+    jobs: list[tuple[str, list[bytes]]],
+) -> None:
+    sent = [(path, tuple(pieces)) for path, pieces in jobs]
+    assert maildir_jobs(maildir_parts(sent)) == sent
 
 
 def test_an_agent_ends_quietly_when_the_server_is_gone(tmp_path: Path) -> None:
