@@ -355,6 +355,7 @@ def to_quoted_printable(content: bytes) -> bytes | None:
 class _Step(enum.Enum):
     MAIL = "mail"
     RCPT = "rcpt"
+    DATA = "data"
 
 
 class ClientSession:
@@ -382,6 +383,8 @@ class ClientSession:
         self._mail_reply: Reply | None = None
         self._content = transaction.content
         self._queued: list[str] = []
+        # DATA was accepted with no recipient to send the content to.
+        self._abandoned = False
         self._use_utf8 = False
         self._body_parameter = ""
         self.phase = Phase.GREETING
@@ -461,6 +464,7 @@ class ClientSession:
         self._accepted = []
         self._mail_reply = None
         self._queued = []
+        self._abandoned = False
         self.outcome = SessionOutcome(tls=self.outcome.tls)
         self.last_reply = None
         return self._start_transaction()
@@ -591,9 +595,13 @@ class ClientSession:
             self._awaiting.append((_Step.RCPT, index))
         self.phase = Phase.ENVELOPE
 
-        # RFC 2920 section 3.1: with PIPELINING, MAIL and the RCPTs go in one
-        # group; DATA is held back until at least one RCPT has succeeded.
+        # RFC 2920 section 3.1: with PIPELINING, MAIL, the RCPTs and DATA go
+        # in one group, DATA last (BDAT carries the content itself, so it
+        # waits for the RCPT replies).  One round trip a message less.
         if "PIPELINING" in self._extensions:
+            if "CHUNKING" not in self._extensions:
+                commands.append("DATA")
+                self._awaiting.append((_Step.DATA, -1))
             return [Send(b"".join(self._command(c).data for c in commands))]
         self._queued = commands[1:]
         return [self._command(commands[0])]
@@ -690,6 +698,11 @@ class ClientSession:
                 self.outcome.replies[index] = reply
 
         actions: list[Action] = []
+        if self._awaiting == [(_Step.DATA, -1)]:
+            # Only the pipelined DATA is left unanswered: its timeout runs
+            # (RFC 5321 section 4.5.3.2.3).
+            self.phase = Phase.DATA
+            return actions
         mail_ok = self._mail_reply is not None and self._mail_reply.is_positive
         if "PIPELINING" not in self._extensions and mail_ok and self._queued:
             actions.append(self._command(self._queued.pop(0)))
@@ -718,7 +731,26 @@ class ClientSession:
         for start in range(0, len(self._content), size):
             yield self._content[start : start + size]
 
+    def _on_pipelined_data(self, reply: Reply) -> list[Action]:
+        """The reply to DATA sent in the group with MAIL and the RCPTs."""
+        assert self._mail_reply is not None
+        accepted = self._mail_reply.is_positive and bool(self._accepted)
+        if not self._mail_reply.is_positive:
+            self.outcome.failure = self._mail_reply
+        if reply.code == 354 and not accepted:
+            # RFC 2920 section 3.1: the server took DATA though no recipient
+            # was accepted; a lone dot ends the empty message.
+            self.phase = Phase.CONTENT
+            self._abandoned = True
+            return [Send(b".\r\n")]
+        if not accepted:
+            return self._quit()
+        return self._on_data(reply)
+
     def _on_data(self, reply: Reply) -> list[Action]:
+        if self._awaiting:
+            self._awaiting.pop(0)
+            return self._on_pipelined_data(reply)
         if reply.code != 354:
             self._settle_accepted(reply)
             return self._quit()
@@ -730,6 +762,8 @@ class ClientSession:
         return len(self._content) <= self._block_size
 
     def _on_content(self, reply: Reply) -> list[Action]:
+        if self._abandoned:
+            return self._quit()
         self._settle_accepted(reply)
         if self._reuse and reply.is_positive:
             # RFC 5321 section 4.1.1.4: the transaction ended with this reply;

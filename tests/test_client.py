@@ -162,17 +162,18 @@ class TestDotStuffing:
 
 class TestSession:
     def test_pipelined_transaction(self) -> None:
-        """With PIPELINING, MAIL and every RCPT go in one write, then DATA."""
+        """With PIPELINING, MAIL, every RCPT and DATA go in one write
+        (RFC 2920 section 3.1); the content once DATA is answered 354."""
         session = ClientSession("me.test", transaction("a@d.test", "b@d.test"))
         actions = to_envelope(session)
         assert sent(actions) == (
             b"MAIL FROM:<s@src.test> SIZE=20\r\n"
-            b"RCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\n"
+            b"RCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n"
         )
         actions = session.data_received(
             b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 unknown\r\n"
         )
-        assert sent(actions) == b"DATA\r\n"
+        assert actions == []
         assert streamed(session.data_received(b"354 go\r\n")) == CONTENT + b".\r\n"
         assert sent(session.data_received(b"250 2.0.0 queued as X\r\n")) == b"QUIT\r\n"
         outcome = outcome_of(session.data_received(b"221 bye\r\n"))
@@ -189,8 +190,7 @@ class TestSession:
         starts at MAIL with its own outcome, and close sends QUIT."""
         session = ClientSession("me.test", transaction("a@d.test"), reuse=True)
         to_envelope(session)
-        session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
-        streamed(session.data_received(b"354 go\r\n"))
+        streamed(session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n"))
         actions = session.data_received(b"250 2.0.0 queued\r\n")
         assert sent(actions) == b""
         (finish,) = actions
@@ -199,10 +199,12 @@ class TestSession:
         assert session.phase is Phase.IDLE
 
         actions = session.next_transaction(transaction("c@d.test"))
-        assert (
-            sent(actions) == b"MAIL FROM:<s@src.test> SIZE=20\r\nRCPT TO:<c@d.test>\r\n"
+        assert sent(actions) == (
+            b"MAIL FROM:<s@src.test> SIZE=20\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
         )
-        actions = session.data_received(b"250 2.1.0 ok\r\n550 5.1.1 unknown\r\n")
+        actions = session.data_received(
+            b"250 2.1.0 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n"
+        )
         assert sent(actions) == b"QUIT\r\n"
         assert session.outcome.replies == {0: Reply(550, "5.1.1", "unknown")}
 
@@ -213,8 +215,7 @@ class TestSession:
         with pytest.raises(ValueError):
             session.next_transaction(transaction("b@d.test"))
         to_envelope(session)
-        session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
-        streamed(session.data_received(b"354 go\r\n"))
+        streamed(session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n"))
         session.data_received(b"250 2.0.0 queued\r\n")
 
         assert sent(session.close()) == b"QUIT\r\n"
@@ -229,12 +230,27 @@ class TestSession:
         assert sent(session.data_received(b"250 ok\r\n")) == b"RCPT TO:<b@d.test>\r\n"
         assert sent(session.data_received(b"250 ok\r\n")) == b"DATA\r\n"
 
-    def test_no_data_when_no_recipient_accepted(self) -> None:
-        """When every RCPT is refused the session quits without DATA."""
+    def test_no_content_when_no_recipient_accepted(self) -> None:
+        """Every RCPT refused: the refused DATA ends it, no content is sent."""
         session = ClientSession("me.test", transaction("a@d.test"))
         to_envelope(session)
-        actions = session.data_received(b"250 ok\r\n550 5.1.1 no\r\n")
+        actions = session.data_received(
+            b"250 ok\r\n550 5.1.1 no\r\n554 5.5.1 no valid recipients\r\n"
+        )
         assert sent(actions) == b"QUIT\r\n"
+        outcome = outcome_of(session.data_received(b"221 bye\r\n"))
+        assert outcome.replies == {0: Reply(550, "5.1.1", "no")}
+        assert outcome.failure is None
+
+    def test_data_taken_with_no_recipient_gets_a_lone_dot(self) -> None:
+        """RFC 2920 section 3.1: DATA answered 354 though every RCPT was
+        refused: a lone dot ends the empty message, then QUIT; the content
+        never goes out and the recipients keep their RCPT replies."""
+        session = ClientSession("me.test", transaction("a@d.test"), reuse=True)
+        to_envelope(session)
+        actions = session.data_received(b"250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+        assert sent(actions) == b".\r\n"
+        assert sent(session.data_received(b"554 5.5.1 nothing\r\n")) == b"QUIT\r\n"
         outcome = outcome_of(session.data_received(b"221 bye\r\n"))
         assert outcome.replies == {0: Reply(550, "5.1.1", "no")}
 
@@ -242,7 +258,9 @@ class TestSession:
         """A refused MAIL is the host-level failure, RCPT replies ignored."""
         session = ClientSession("me.test", transaction("a@d.test"))
         to_envelope(session)
-        actions = session.data_received(b"550 5.7.1 go away\r\n503 5.5.1 no MAIL\r\n")
+        actions = session.data_received(
+            b"550 5.7.1 go away\r\n503 5.5.1 no MAIL\r\n503 5.5.1 no RCPT\r\n"
+        )
         assert sent(actions) == b"QUIT\r\n"
         outcome = outcome_of(session.data_received(b"221 bye\r\n"))
         assert outcome.replies == {}
@@ -454,8 +472,9 @@ class TestProtocol:
         protocol, transport, clock = connect(ClientSession("me", transaction("a@d")))
         protocol.dataReceived(b"220 hi\r\n")
         protocol.dataReceived(EHLO_PIPELINING)
+        transport.clear()
         protocol.dataReceived(b"250 ok\r\n250 ok\r\n")
-        assert transport.value().endswith(b"DATA\r\n")
+        assert transport.value() == b""  # DATA went with MAIL and RCPT
         clock.advance(Timeouts().data_init - 1)
         assert not transport.aborted
         clock.advance(1)
@@ -568,7 +587,7 @@ class TestProtocol:
         got = results(protocol)
         protocol.dataReceived(b"220 hi\r\n")
         protocol.dataReceived(EHLO_PIPELINING)
-        protocol.dataReceived(b"250 ok\r\n550 5.1.1 no\r\n")
+        protocol.dataReceived(b"250 ok\r\n550 5.1.1 no\r\n503 5.5.1 no RCPT\r\n")
         assert transport.value().endswith(b"QUIT\r\n")
         assert got == []
         protocol.dataReceived(b"221 bye\r\n")

@@ -326,14 +326,17 @@ class SessionTests(OutboundTestCase):
         message = self.peers.peer("127.0.0.6").messages[0]
         assert message.recipients == ["yes@nomx.test", "y2@nomx.test"]
 
-    async def test_no_data_without_accepted_recipient(self) -> None:
-        """When every RCPT is refused, DATA is never sent."""
+    async def test_no_content_without_accepted_recipient(self) -> None:
+        """When every RCPT is refused, the pipelined DATA is refused and no
+        content is sent."""
         agent = self.start({"127.0.0.6": Script(replies={"RCPT": "550 5.1.1 no"})})
         results = await self.send(agent, ["a@nomx.test", "b@nomx.test"])
         assert self.codes(results) == ["550 5.1.1", "550 5.1.1"]
-        verbs = [c.split(" ")[0] for c in self.peers.peer("127.0.0.6").commands]
-        assert "DATA" not in verbs
-        assert verbs[-1] == "QUIT"
+        peer = self.peers.peer("127.0.0.6")
+        verbs = [c.split(" ")[0] for c in peer.commands]
+        assert verbs == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA", "QUIT"]
+        # This peer takes DATA even so: only the lone dot reached it.
+        assert [message.content for message in peer.messages] in ([], [b""])
 
     async def test_mail_refused_everywhere_is_permanent(self) -> None:
         """A 5xx to MAIL at every exchange fails the recipient permanently."""
