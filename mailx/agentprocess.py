@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -95,6 +96,10 @@ class AgentProcess(ProcessProtocol):
         """Fire with the agent's answer to one submission."""
         if self._stopping:
             return fail(OSError(errno.ESHUTDOWN, "the server is stopping"))
+        try:
+            data = encode_submission(self._number + 1, parts)
+        except (struct.error, OverflowError, MemoryError) as error:
+            return fail(OSError(errno.EFBIG, f"cannot hand it to the agent: {error}"))
         if not self._running:
             try:
                 self._start()
@@ -104,7 +109,6 @@ class AgentProcess(ProcessProtocol):
         done: Deferred[dict[str, Any]] = Deferred()
         self._pending[self._number] = done
         assert self.transport is not None
-        data = encode_submission(self._number, parts)
         # At once when the pipe takes it: no turn of the reactor, no epoll_ctl.
         stdin = getattr(self.transport, "pipes", {}).get(0)
         if stdin is not None:

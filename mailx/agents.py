@@ -22,10 +22,10 @@ being made durable wait in the pipe and go together in the next.
 
 A submission::
 
-    length of what follows      4 octets, big-endian
+    length of what follows      8 octets, big-endian
     submission number           8 octets
-    part count                  4 octets
-    per part: its length (4 octets), its octets
+    part count                  8 octets
+    per part: its length (8 octets), its octets
 
 The Maildir agent takes a message's copies (``maildir_parts``: where each
 goes, then their pieces, a body shared by the copies sent once) and
@@ -60,8 +60,9 @@ Submission = tuple[int, Parts]
 # A batch of submissions in, one answer (a JSON object, without "id") each.
 Handler = Callable[[list[Submission]], list[dict[str, Any]]]
 
-_LENGTH = struct.Struct(">I")
-_HEAD = struct.Struct(">QI")
+# Lengths in 8 octets: a message's parts may pass 4 GiB in all.
+_LENGTH = struct.Struct(">Q")
+_HEAD = struct.Struct(">QQ")
 # Room for many messages in the pipe while a batch is made durable (the
 # kernel caps it at /proc/sys/fs/pipe-max-size, 1 MiB by default).
 PIPE_SIZE = 1 << 20
@@ -135,16 +136,22 @@ def decode_answer(line: bytes) -> tuple[int, dict[str, Any]]:
 
 
 def error_of(error: OSError) -> list[Any]:
-    """An error as an answer carries it."""
-    return [error.errno or errno.EIO, error.strerror or str(error)]
+    """An error as an answer carries it: errno, text and the file it names."""
+    named = error.filename
+    filename = os.fsdecode(named) if isinstance(named, (str, bytes)) else None
+    return [error.errno or errno.EIO, error.strerror or str(error), filename]
 
 
 def os_error(value: Any) -> OSError:
     """The error an answer carries, back as an ``OSError``; WireError if none."""
     try:
-        return OSError(int(value[0]), str(value[1]))
+        number, text = int(value[0]), str(value[1])
+        filename = value[2] if len(value) > 2 else None
     except (ValueError, TypeError, KeyError, IndexError):
         raise WireError(f"not an error: {value!r}") from None
+    if isinstance(filename, str):
+        return OSError(number, text, filename)
+    return OSError(number, text)
 
 
 def serve(handler: Handler, source: int = 0, sink: int = 1) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any, ClassVar, TypeVar, cast
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -257,13 +257,24 @@ class MailxService(MultiService):
     def stopService(self) -> Deferred[None] | None:
         for factory in self.factories:
             factory.shut_down()
+        # The listeners close at once, and the workers end (they hand what
+        # they took to this process meanwhile): no new session starts while
+        # the agents finish.
+        closing = [
+            maybeDeferred(child.stopService)
+            for child in list(self)
+            if isinstance(child, (_Listener, _AdoptedListener, WorkerPool))
+            and getattr(child, "listener", "") != "handoff"
+        ]
+        stopping: Deferred[Any] = gatherResults(closing, consumeErrors=True)
+        # Then the Maildir delivery agent answers what it has (a message it
+        # could not write still goes to the spool, which is running); from
+        # now on local copies go to the spool.  The spool agent stops after
+        # the spool, which waits for the changes under way.
         agent = self.parts.agent if self.parts is not None else None
-        # The Maildir delivery agent answers what it has first (a message
-        # it could not write still goes to the spool, which is running);
-        # from now on local copies go to the spool.  The spool agent stops
-        # after the spool, which waits for the changes under way.
-        stopping = agent.stop() if agent is not None else succeed(None)
-        stopping.addCallback(lambda _: self._stop_services())
+        if agent is not None:
+            stopping.addBoth(lambda _: agent.stop())
+        stopping.addBoth(lambda _: self._stop_services())
         if self.spool_agent is not None:
             spool_agent = self.spool_agent
             stopping.addBoth(lambda _: spool_agent.stop())
@@ -630,8 +641,10 @@ class _Listener(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
-        if self.port is not None:
-            return cast("Deferred[None]", self.port.stopListening())
+        # Stopped early by MailxService, then again with the others.
+        port, self.port = self.port, None
+        if port is not None:
+            return cast("Deferred[None]", port.stopListening())
         return None
 
 
@@ -657,6 +670,7 @@ class _AdoptedListener(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
-        if self.port is not None:
-            return cast("Deferred[None]", self.port.stopListening())
+        port, self.port = self.port, None
+        if port is not None:
+            return cast("Deferred[None]", port.stopListening())
         return None

@@ -253,6 +253,9 @@ class WorkerPool(Service):
             self._spawn(index)
 
     def stopService(self) -> Deferred[Any]:
+        if not self.running:
+            # Stopped early by MailxService, then again with the others.
+            return defer.succeed(None)
         super().stopService()  # type: ignore[no-untyped-call]
         endings = []
         for protocol, transport in list(self.processes.values()):

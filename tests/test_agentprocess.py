@@ -10,6 +10,8 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -62,10 +64,12 @@ class AgentTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.log)
         self.agents: list[MaildirAgent] = []
 
-    def tearDown(self) -> None:
+    def tearDown(self) -> Deferred[list[None]]:  # type: ignore[override]
         for agent in self.agents:
             if agent.running and agent.transport is not None:
                 agent.transport.signalProcess("KILL")
+        # Each one reaped before the reactor is checked for leftovers.
+        return gatherResults([agent.stop() for agent in self.agents])
 
     def agent(self, command: list[str] | None = None) -> MaildirAgent:
         agent = MaildirAgent(reactor, command)
@@ -139,6 +143,19 @@ class AgentTests(TestCase):
         assert "exit status 1" in str(failed.value)
         assert said == ["maildir delivery agent: broke"]
 
+    async def test_what_cannot_be_handed_over_fails_alone(self) -> None:
+        agent = self.agent()
+
+        def too_big(number: int, parts: object) -> bytes:
+            raise struct.error("argument out of range")
+
+        self.patch(agentprocess, "encode_submission", too_big)  # type: ignore[no-untyped-call]
+        with pytest.raises(OSError) as failed:
+            await agent.submit([(str(self.root / "a"), b"x")])
+        assert failed.value.errno == errno.EFBIG
+        await agent.drained()  # nothing was left waiting
+        assert not agent.running  # and no agent started for it
+
     async def test_an_agent_answering_nonsense_is_stopped(self) -> None:
         agent = self.agent(BABBLING)
         with pytest.raises(OSError):
@@ -189,6 +206,16 @@ def agent_pid(server_pid: int, kind: str) -> int | None:
     return None
 
 
+def send_and_find_agent(server: MailxProcess, recipient: str, kind: str) -> int:
+    """Send a message with Subject 1 to ``recipient``: the agent it started."""
+    with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+        client.sendmail("s@example.org", [recipient], b"Subject: 1\r\n\r\n")
+    assert server.process is not None
+    pid = agent_pid(server.process.pid, kind)
+    assert pid is not None
+    return pid
+
+
 def wait_for(condition: Callable[[], object], what: str) -> None:
     deadline = time.monotonic() + 10
     while not condition():
@@ -206,12 +233,7 @@ def test_the_server_survives_its_agent_and_loses_no_mail(tmp_path: Path) -> None
     server.start()
     try:
         assert server.process is not None
-        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
-            client.sendmail(
-                "s@example.net", ["alice@example.org"], b"Subject: 1\r\n\r\n"
-            )
-        first = agent_pid(server.process.pid, "maildir")
-        assert first is not None
+        first = send_and_find_agent(server, "alice@example.org", "maildir")
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: "maildir delivery agent ended" in server.log(), server.log())
         with smtplib.SMTP(server.address, server.port, timeout=30) as client:
@@ -220,13 +242,7 @@ def test_the_server_survives_its_agent_and_loses_no_mail(tmp_path: Path) -> None
             )
         second = agent_pid(server.process.pid, "maildir")
         assert second is not None and second != first
-        subjects = [
-            line
-            for message in server.messages("example.org", "alice")
-            for line in message.splitlines()
-            if line.startswith(b"Subject:")
-        ]
-        assert sorted(subjects) == [b"Subject: 1", b"Subject: 2"]
+        assert alices_subjects(server) == [b"Subject: 1", b"Subject: 2"]
         assert (
             "maildir delivery agent ended (signal 9) with 0 requests unanswered"
             in server.log()
@@ -300,10 +316,7 @@ def test_a_relaying_server_survives_its_spool_agent(tmp_path: Path) -> None:
     queue = SpoolStore(str(server.workdir / "var/mailx/queue"))
     try:
         assert server.process is not None
-        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
-            client.sendmail("s@example.org", ["r@far.test"], b"Subject: 1\r\n\r\n")
-        first = agent_pid(server.process.pid, "spool")
-        assert first is not None
+        first = send_and_find_agent(server, "r@far.test", "spool")
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: "spool agent ended" in server.log(), server.log())
         with smtplib.SMTP(server.address, server.port, timeout=30) as client:
@@ -347,3 +360,55 @@ def ended(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_at_stop_the_listener_closes_before_the_agent_is_waited_for(
+    tmp_path: Path,
+) -> None:
+    """
+    SIGTERM while the Maildir agent is stuck (SIGSTOP) under a delivery: new
+    connections are refused at once; once the agent goes on, the message in
+    it is delivered and the server ends.
+    """
+    port = free_port()
+    server = MailxProcess(tmp_path / "mx", basic_config(port), port=port)
+    server.start()
+    assert server.process is not None
+    agent = send_and_find_agent(server, "alice@example.org", "maildir")
+    os.kill(agent, signal.SIGSTOP)
+    stuck = smtplib.SMTP(server.address, server.port, timeout=30)
+    try:
+        stuck.ehlo()
+        stuck.mail("s@example.net")
+        stuck.rcpt("alice@example.org")
+        stuck.putcmd("data")
+        assert stuck.getreply()[0] == 354
+        stuck.send(b"Subject: 2\r\n\r\n.\r\n")  # its 250 waits for the agent
+        time.sleep(0.5)  # for the server to read it and hand it to the agent
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: not _answers(server), "the listener stays open")
+    finally:
+        os.kill(agent, signal.SIGCONT)
+        stuck.close()
+    server.process.wait(30)
+    if server.process.stdout is not None:
+        server.process.stdout.close()
+    assert alices_subjects(server) == [b"Subject: 1", b"Subject: 2"]
+
+
+def alices_subjects(server: MailxProcess) -> list[bytes]:
+    """The Subject lines of the messages in alice's Maildir, sorted."""
+    return sorted(
+        line
+        for message in server.messages("example.org", "alice")
+        for line in message.splitlines()
+        if line.startswith(b"Subject:")
+    )
+
+
+def _answers(server: MailxProcess) -> bool:
+    try:
+        with socket.create_connection((server.address, server.port), timeout=2):
+            return True
+    except OSError:
+        return False

@@ -62,12 +62,12 @@ def test_whole_submissions_are_read_and_a_partial_one_waits(
 def test_a_submission_whose_length_does_not_match_its_parts_is_refused() -> None:
     whole = encode_submission(1, [b"/m", b"abc"])
     # The length field says one octet more than the parts take.
-    longer = (int.from_bytes(whole[:4], "big") + 1).to_bytes(4, "big")
+    longer = (int.from_bytes(whole[:8], "big") + 1).to_bytes(8, "big")
     with pytest.raises(WireError, match="longer than its parts"):
-        decode_submissions(longer + whole[4:] + b"\0")
-    shorter = (int.from_bytes(whole[:4], "big") - 1).to_bytes(4, "big")
+        decode_submissions(longer + whole[8:] + b"\0")
+    shorter = (int.from_bytes(whole[:8], "big") - 1).to_bytes(8, "big")
     with pytest.raises(WireError, match="cut short"):
-        decode_submissions(shorter + whole[4:-1])
+        decode_submissions(shorter + whole[8:-1])
 
 
 def test_answers_and_errors_go_through() -> None:
@@ -151,6 +151,8 @@ def test_the_maildir_agent_writes_each_job_and_answers_in_order(
     assert answers[0]["errors"] == [None]
     refused, written = answers[1]["errors"]
     assert os_error(refused).errno in (errno.EEXIST, errno.ENOTDIR)
+    # The mail log names the path that failed, as it did without the agent.
+    assert str(blocked) in str(os_error(refused))
     assert written is None
     assert answers[2]["errors"] == [None]
     assert sorted(new_files(alice)) == sorted([b"one\r\n", big])
