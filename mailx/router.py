@@ -78,7 +78,7 @@ class MaildirCommit(Protocol):
     one sync (``maildir.deliver_batch``).  A submission fires with the
     error of each of its jobs, None for one that was written; it fails only
     when the batch failed as a whole.  The server uses a delivery agent
-    process (``mailx.maildir_agent``); ``GroupCommit`` does it in threads.
+    process (``mailx.agentprocess``); ``GroupCommit`` does it in threads.
     """
 
     def submit(self, item: MaildirJobs) -> Deferred[JobErrors]: ...

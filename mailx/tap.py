@@ -478,7 +478,7 @@ class _Parts:
         def run_io(work: Callable[[], _T]) -> Deferred[_T]:
             return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
-        # Maildirs are written by a delivery agent process (mailx.deliveryagent).
+        # Maildirs are written by a delivery agent process (mailx.agents).
         self.agent: MaildirAgent | None = None
         commit: MaildirCommit
         if IReactorProcess.providedBy(reactor):
