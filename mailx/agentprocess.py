@@ -79,6 +79,7 @@ class AgentProcess(ProcessProtocol):
         # The agent's descriptors, beyond its pipes: its own -> the server's.
         self._inherit = dict(inherit or {})
         self._number = 0
+        self._answered = 0
         self._pending: dict[int, Deferred[dict[str, Any]]] = {}
         self._partial = b""
         self._said = b""
@@ -91,6 +92,16 @@ class AgentProcess(ProcessProtocol):
     @property
     def running(self) -> bool:
         return self._running
+
+    @property
+    def answered(self) -> int:
+        """How many submissions the agents of this object have answered."""
+        return self._answered
+
+    @property
+    def unanswered(self) -> int:
+        """How many submissions wait for the agent's answer."""
+        return len(self._pending)
 
     def submit_parts(self, parts: Sequence[bytes]) -> Deferred[dict[str, Any]]:
         """Fire with the agent's answer to one submission."""
@@ -139,7 +150,7 @@ class AgentProcess(ProcessProtocol):
         if self._stop_timer is None:
             assert self.transport is not None
             self.transport.closeStdin()
-            self._stop_timer = self._reactor.callLater(STOP_TIMEOUT, self._kill)
+            self._stop_timer = self._reactor.callLater(STOP_TIMEOUT, self.kill)
         return waiter
 
     def _start(self) -> None:
@@ -152,7 +163,8 @@ class AgentProcess(ProcessProtocol):
         )
         self._running = True
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
+        """End the agent at once (SIGKILL); what it had not answered fails."""
         self._stop_timer = None
         if self._running and self.transport is not None:
             self.transport.signalProcess("KILL")
@@ -170,8 +182,9 @@ class AgentProcess(ProcessProtocol):
                     agent=self.name,
                     error=str(error),
                 )
-                self._kill()
+                self.kill()
                 return
+            self._answered += 1
             done.callback(answer)
         if not self._pending:
             self._fire_drained()

@@ -179,6 +179,8 @@ class Session:
         self.commands = 0
         self.busy = False
         self.paused = False
+        # Shut down (SIGTERM) while busy: 421 once the wait is over.
+        self._shut_down_after_wait = False
         self._buffer = bytearray()
         self._pending_output: list[bytes] = []
         self._overlong_command = False
@@ -232,6 +234,12 @@ class Session:
         self._flush()
 
     def shutting_down(self) -> None:
+        if self.busy:
+            # A message being stored (or a check under way) gets its answer
+            # first: a 421 now would have the client send again a message
+            # that is then stored all the same.
+            self._shut_down_after_wait = True
+            return
         self._close_with(replies.SHUTTING_DOWN)
         self._flush()
 
@@ -369,6 +377,11 @@ class Session:
 
     def _resume(self) -> None:
         self.busy = False
+        if self._shut_down_after_wait:
+            self._shut_down_after_wait = False
+            self._close_with(replies.SHUTTING_DOWN)
+            self._flush()
+            return
         # A Deferred that fired at once resumes the loop already running.
         if not self._processing:
             self._process()

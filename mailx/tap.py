@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IReactorFromThreads,
     IReactorProcess,
     IReactorTime,
@@ -38,7 +39,7 @@ from twisted.python.failure import Failure
 
 from mailx import auth
 from mailx import local as local_recipients
-from mailx.agentprocess import MaildirAgent, SpoolAgent
+from mailx.agentprocess import STOP_TIMEOUT, AgentProcess, MaildirAgent, SpoolAgent
 from mailx.backup import backup_check_from_config
 from mailx.config import Config, ConfigError, load_config
 from mailx.files import open_regular_for_append
@@ -174,7 +175,7 @@ def _check_writable_file(key: str, path: str) -> None:
 
 
 # Tries and the wait between them before the queue counts as taken.
-LOCK_TRIES = 5
+LOCK_TRIES = 30
 LOCK_RETRY_WAIT = 0.1
 
 
@@ -186,8 +187,10 @@ def _lock_queue(directory: str) -> IO[str]:
     path = os.path.join(directory, "lock")
     lock = open(path, "a+", encoding="ascii")  # noqa: SIM115 - held until exit
     try:
-        # A few tries: ``mailx queue`` takes the lock for an instant to see
-        # whether a server holds it (mailx.cli).
+        # Tries for a few seconds: ``mailx queue`` takes the lock for an
+        # instant to see whether a server holds it (mailx.cli), and the
+        # spool agent of a server that was killed holds it until it has
+        # finished its last batch (mailx.agentprocess).
         for attempt in range(LOCK_TRIES):
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -201,7 +204,8 @@ def _lock_queue(directory: str) -> IO[str]:
         holder = lock.read().strip() or "another process"
         lock.close()
         raise ConfigError(
-            f"queue.directory: {directory!r} is in use by another mailx ({holder})"
+            f"queue.directory: {directory!r} is in use by another mailx ({holder},"
+            " or its spool agent if it has just ended)"
         ) from None
     lock.seek(0)
     lock.truncate()
@@ -223,6 +227,10 @@ class MailxService(MultiService):
         self.factories: list[SMTPServerFactory] = []
         self.workers: WorkerPool | None = None
         self.spool_agent: SpoolAgent | None = None
+        # While stopping: when to look for hung agents, and what they had
+        # answered at the last look.
+        self._deadline: IDelayedCall | None = None
+        self._agents_seen: dict[str, int] = {}
         # What SIGHUP reloads besides the certificate (set by build_service).
         self.parts: _Parts | None = None
         self._mail_log_file: IO[str] | None = None
@@ -267,6 +275,12 @@ class MailxService(MultiService):
             and getattr(child, "listener", "") != "handoff"
         ]
         stopping: Deferred[Any] = gatherResults(closing, consumeErrors=True)
+        # An agent that hangs (a disk that does not answer) must not keep the
+        # server from ending: one that has left a request unanswered for
+        # STOP_TIMEOUT is killed, and what it had not answered fails (queued
+        # or refused, as when an agent dies).
+        self._agents_seen = {agent.name: agent.answered for agent in self._agents()}
+        self._deadline = self.clock.callLater(STOP_TIMEOUT, self._kill_hung_agents)
         # Then the Maildir delivery agent answers what it has (a message it
         # could not write still goes to the spool, which is running); from
         # now on local copies go to the spool.  The spool agent stops after
@@ -278,8 +292,41 @@ class MailxService(MultiService):
         if self.spool_agent is not None:
             spool_agent = self.spool_agent
             stopping.addBoth(lambda _: spool_agent.stop())
+        stopping.addBoth(self._cancel_deadline)
         # The spool may still log while its attempts end: close afterwards.
         return stopping.addBoth(self._close_mail_log)
+
+    def _kill_hung_agents(self) -> None:
+        """Kill an agent that answered nothing since the last look."""
+        for agent in self._agents():
+            if not agent.running or not agent.unanswered:
+                continue
+            # Its answers so far, by count: none new since the last look
+            # while requests wait means it hangs.
+            answered = agent.answered
+            if self._agents_seen.get(agent.name) == answered:
+                maillog.error(
+                    "{agent} agent answered nothing for {seconds} s while the"
+                    " server stops: killing it",
+                    agent=agent.name,
+                    seconds=int(STOP_TIMEOUT),
+                )
+                agent.stop()
+                agent.kill()
+            self._agents_seen[agent.name] = answered
+        if self._deadline is not None:
+            # Not stopped yet (a kill may have let the stop end just now).
+            self._deadline = self.clock.callLater(STOP_TIMEOUT, self._kill_hung_agents)
+
+    def _agents(self) -> list[AgentProcess]:
+        agents = [self.spool_agent, self.parts.agent if self.parts else None]
+        return [agent for agent in agents if agent is not None]
+
+    def _cancel_deadline(self, result: object) -> object:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        return result
 
     def _stop_services(self) -> Deferred[None] | None:
         return super().stopService()  # type: ignore[no-untyped-call,no-any-return]

@@ -17,18 +17,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from mailx import agentprocess
 from mailx.agentprocess import MaildirAgent, SpoolAgent
+from mailx.config import load_config
 from mailx.spool import Remove, SpoolStore, StoreNew
+from mailx.tap import MailxService
 from tests.conftest import MailLogObserver
 from tests.mailxproc import MailxProcess, basic_config, free_port
 from tests.test_spool import CONTENT
@@ -412,3 +416,68 @@ def _answers(server: MailxProcess) -> bool:
             return True
     except OSError:
         return False
+
+
+class FakeAgent:
+    """An agent as MailxService sees it; hung until killed, if ``hung``."""
+
+    def __init__(self, name: str, hung: bool) -> None:
+        self.name = name
+        self.running = True
+        self.unanswered = 1 if hung else 0
+        self.answered = 0
+        self.killed = False
+        self._ended: Deferred[None] = Deferred()
+        if not hung:
+            self._ended.callback(None)
+
+    def stop(self) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        self._ended.addBoth(lambda _: waiter.callback(None))
+        return waiter
+
+    def kill(self) -> None:
+        self.killed = True
+        self.running = False
+        if not self._ended.called:
+            self._ended.callback(None)
+
+
+def stopping_service(
+    clock: Clock, maildir: FakeAgent, spool: FakeAgent
+) -> list[object]:
+    """Stop a MailxService with these agents; a list that gets an item once done."""
+    service = MailxService(load_config(None), None, clock)
+    service.parts = cast(Any, SimpleNamespace(agent=maildir))
+    service.spool_agent = cast(Any, spool)
+    stopping = service.stopService()
+    assert isinstance(stopping, Deferred)
+    stopped: list[object] = []
+    stopping.addBoth(stopped.append)
+    return stopped
+
+
+def test_an_agent_hung_at_stop_is_killed(clock: Clock, mail_log: list[str]) -> None:
+    """A disk that does not answer cannot keep the server from ending."""
+    maildir, spool = FakeAgent("maildir delivery", hung=True), FakeAgent("spool", False)
+    stopped = stopping_service(clock, maildir, spool)
+    clock.advance(agentprocess.STOP_TIMEOUT - 1)
+    assert not stopped and not maildir.killed
+    clock.advance(1)
+    assert maildir.killed and stopped
+    assert not spool.killed
+    assert mail_log == [
+        "maildir delivery agent answered nothing for 60 s while the server stops:"
+        " killing it"
+    ]
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_agent_still_answering_at_stop_is_let_finish(clock: Clock) -> None:
+    maildir, spool = FakeAgent("maildir delivery", hung=True), FakeAgent("spool", False)
+    stopped = stopping_service(clock, maildir, spool)
+    maildir.answered += 5  # slow, but working
+    clock.advance(agentprocess.STOP_TIMEOUT)
+    assert not maildir.killed and not stopped
+    clock.advance(agentprocess.STOP_TIMEOUT)
+    assert maildir.killed and stopped

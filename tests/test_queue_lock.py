@@ -41,5 +41,5 @@ def test_a_lock_held_by_a_server_refuses_the_start(
     with open(tmp_path / "lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         monkeypatch.setattr("mailx.tap.time.sleep", lambda seconds: None)
-        with pytest.raises(ConfigError, match=r"in use by another mailx \(pid 4242\)"):
+        with pytest.raises(ConfigError, match=r"in use by another mailx \(pid 4242,"):
             tap._lock_queue(str(tmp_path))

@@ -8,9 +8,12 @@ from collections.abc import Iterator
 from typing import cast
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
+from mailx import replies
 from mailx.envelope import Body, Route
+from mailx.replies import Reply
 from mailx.session import MAX_COMMAND_LINE, Session
 from tests.sessionkit import FakeAuthenticator, FakeOutput, make_session
 
@@ -782,3 +785,30 @@ def test_a_hand_off_names_a_maildir_with_its_own_parameter() -> None:
         b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org> X-MAILX-MAILBOX\r\n",
     )
     assert output.codes()[-1] == 555
+
+
+def test_shutdown_while_a_message_is_stored_answers_it_first() -> None:
+    """SIGTERM while the message is being stored: its 250 comes, then 421;
+    a 421 alone would have the client send again what is stored anyway."""
+    session, output, sink, _ = make_session()
+    held: Deferred[Reply] = Deferred()
+    sink.receive = lambda envelope, content: held  # type: ignore[method-assign]
+    session.data_received(
+        b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<alice@example.org>\r\n"
+        b"DATA\r\nSubject: t\r\n\r\nhi\r\n.\r\n"
+    )
+    assert output.codes() == [220, 250, 250, 250, 354]
+    session.shutting_down()
+    assert not output.closed
+    held.callback(replies.OK)
+    assert output.codes()[-2:] == [250, 421]
+    assert output.replies()[-2].startswith("250 2.0.0 OK queued as ")
+    assert output.closed
+
+
+def test_shutdown_between_messages_is_421_at_once() -> None:
+    session, output, _, _ = make_session()
+    session.data_received(b"EHLO c.test\r\n")
+    session.shutting_down()
+    assert output.codes() == [220, 250, 421]
+    assert output.closed
