@@ -147,6 +147,67 @@ class Clock(Protocol):
     def seconds(self) -> float: ...
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Addresses checked against this host's own, kept; cleared past this many.
+LOCAL_CHECKS_KEPT = 4096
+
+
+class OwnAddresses:
+    """
+    mailx's own IP addresses, which it must never deliver to (RFC 5321
+    section 5.1): those its listeners are bound to and, when one listens on
+    every interface (the unspecified address among them), every address of
+    this host, as Postfix's inet_interfaces = all does.
+    """
+
+    def __init__(self, addresses: Sequence[str]) -> None:
+        ips = {ipaddress.ip_address(address) for address in addresses}
+        self.every_interface = any(ip.is_unspecified for ip in ips)
+        self._bound = {ip for ip in ips if not ip.is_unspecified}
+        self._local: dict[IPAddress, bool] = {}
+
+    def __contains__(self, address: object) -> bool:
+        if isinstance(address, str):
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return False
+        elif isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            ip = address
+        else:
+            return False
+        if ip in self._bound:
+            return True
+        if not self.every_interface:
+            return False
+        if ip not in self._local:
+            if len(self._local) >= LOCAL_CHECKS_KEPT:
+                self._local.clear()
+            self._local[ip] = is_local_address(ip)
+        return self._local[ip]
+
+
+def is_local_address(ip: IPAddress) -> bool:
+    """
+    Is ``ip`` an address of this host?  A loopback address always is; for
+    another, a UDP socket connected to it (which sends nothing) gets it as
+    its own address only if the kernel routes it locally.  Asking bind(2)
+    instead would be fooled by net.ipv4.ip_nonlocal_bind.
+    """
+    if ip.is_loopback:
+        return True
+    if ip.is_unspecified or ip.is_multicast:
+        return False
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(ip), 9))
+            own = probe.getsockname()[0]
+    except OSError:
+        return False
+    return bool(ipaddress.ip_address(own.split("%", 1)[0]) == ip)
+
+
 class MXResolver:
     """Resolve a domain to its ordered next hops (RFC 5321 section 5.1)."""
 
@@ -162,7 +223,7 @@ class MXResolver:
         self._resolver = resolver
         self._clock = clock
         self._hostname = _normal_name(hostname)
-        self._own = {ipaddress.ip_address(a) for a in own_addresses}
+        self._own = OwnAddresses(own_addresses)
         self._timeout = tuple(dns_timeout)
         self._random = rng or random.Random()
         self._cache: dict[tuple[str, int], tuple[float, _Answer]] = {}
@@ -171,7 +232,7 @@ class MXResolver:
         """Is this exchange mailx itself, by name or by one of its addresses?"""
         if _normal_name(host) == self._hostname:
             return True
-        return any(ipaddress.ip_address(a) in self._own for a in addresses)
+        return any(address in self._own for address in addresses)
 
     def resolve(self, domain: str) -> Deferred[list[NextHop]]:
         """The next hops for ``domain``, best first; fails with ResolutionError."""

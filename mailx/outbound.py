@@ -59,7 +59,13 @@ from mailx.client import (
 from mailx.config import Config
 from mailx.envelope import Envelope
 from mailx.maillog import maillog
-from mailx.mx import HostHealth, MXResolver, ResolutionError, make_dns_resolver
+from mailx.mx import (
+    HostHealth,
+    MXResolver,
+    OwnAddresses,
+    ResolutionError,
+    make_dns_resolver,
+)
 from mailx.replies import Reply
 from mailx.spool import RecipientResult
 
@@ -139,7 +145,7 @@ class OutboundAgent:
     ) -> None:
         self._reactor = reactor
         self._hostname = hostname
-        self._own = {ipaddress.ip_address(a) for a in own_addresses}
+        self._own = OwnAddresses(own_addresses)
         self._port = port
         self._smarthost = smarthost
         self._auth = (smarthost_user, smarthost_password) if smarthost_user else None
@@ -502,18 +508,23 @@ class OutboundAgent:
 def listening_addresses(config: Config) -> list[str]:
     """
     The IP addresses mailx's listeners are bound to, from the ``interface=``
-    of their endpoint strings; a listener on every interface gives none.
+    of their endpoint strings.  A listener on every interface (no
+    ``interface=``, or 0.0.0.0 or ::) gives the unspecified address, which
+    ``mx.OwnAddresses`` reads as every address of this host.
     """
     addresses: list[str] = []
     server = config.server
     for endpoint in (*server.listen, *server.submission, *server.smtps):
-        for raw in re.findall(r"interface=((?:\\.|[^:])*)", endpoint):
+        found = re.findall(r"interface=((?:\\.|[^:])*)", endpoint)
+        if not found and not endpoint.lower().startswith("unix:"):
+            found = ["::" if endpoint.lower().startswith("tcp6:") else "0.0.0.0"]
+        for raw in found:
             text = re.sub(r"\\(.)", r"\1", raw)
             try:
-                address = ipaddress.ip_address(text)
+                ipaddress.ip_address(text)
             except ValueError:
                 continue
-            if not address.is_unspecified and text not in addresses:
+            if text not in addresses:
                 addresses.append(text)
     return addresses
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from typing import Any
 
@@ -15,7 +16,9 @@ from mailx.mx import (
     HostHealth,
     MXResolver,
     NextHop,
+    OwnAddresses,
     ResolutionError,
+    is_local_address,
     make_dns_resolver,
 )
 
@@ -336,3 +339,49 @@ def test_loopback_servers_bind_loopback() -> None:
     resolver = make_dns_resolver(reactor, [("127.0.0.1", 5353)])
     resolver._connectedProtocol()
     assert reactor.interfaces == ["127.0.0.1"]
+
+
+def test_listening_on_every_interface_any_local_address_is_self() -> None:
+    """
+    A listener on every interface (the unspecified address among mailx's
+    own): an exchange at any address of this host is mailx, not only one at
+    a listener's address; a backup MX must not deliver to itself.
+    """
+    table = dict(SELF)
+    table[("s.test", dns.MX)] = [
+        mx("s.test", 5, "better.s.test"),
+        mx("s.test", 10, "other-name.s.test"),
+    ]
+    # A loopback address of this host that no listener names.
+    table[("other-name.s.test", dns.A)] = [a("other-name.s.test", "127.0.0.77")]
+    wildcard = resolve(make(table, own=("0.0.0.0",))[0], "s.test")
+    assert wildcard == [NextHop("better.s.test", 5, ("192.0.2.20",))]
+    bound = resolve(make(table, own=("127.0.0.1",))[0], "s.test")
+    assert isinstance(bound, list)
+    assert [hop.host for hop in bound] == ["better.s.test", "other-name.s.test"]
+
+
+@pytest.mark.parametrize(
+    ("address", "local"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.77", True),
+        ("::1", True),
+        ("192.0.2.1", False),  # TEST-NET-1: nowhere, and a connect sends nothing
+        ("2001:db8::1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+    ],
+)
+def test_local_addresses_of_this_host(address: str, local: bool) -> None:
+    assert is_local_address(ipaddress.ip_address(address)) is local
+
+
+def test_own_addresses_without_a_wildcard_are_the_bound_ones() -> None:
+    own = OwnAddresses(["192.0.2.1", "2001:db8::1"])
+    assert "192.0.2.1" in own and "2001:db8::1" in own
+    assert "127.0.0.1" not in own and "not an address" not in own
+    everywhere = OwnAddresses(["::", "192.0.2.1"])
+    assert everywhere.every_interface
+    assert "192.0.2.1" in everywhere and "127.0.0.1" in everywhere
+    assert "192.0.2.99" not in everywhere

@@ -28,7 +28,8 @@ def test_listening_addresses_from_endpoints() -> None:
             smtps=("tcp:465",),
         )
     )
-    assert got == ["192.0.2.1", "2001:db8::1"]
+    # A listener on every interface gives the unspecified address, once.
+    assert got == ["192.0.2.1", "2001:db8::1", "0.0.0.0"]
 
 
 def test_agent_from_config_takes_delivery_and_dns() -> None:
