@@ -13,6 +13,7 @@ through the server's control socket when the server is up.  When it is not,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import sys
@@ -305,6 +306,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     tool = QueueTool(directory, config.server.control_socket, out)
     try:
         _run(tool, arguments)
+    except BrokenPipeError:
+        # Read by a pager or ``head`` that has had enough: no complaint.
+        # Python's own flush at exit would fail on the closed pipe too.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return EX_OK
     except CommandError as error:
         print(f"mailx: {error}", file=sys.stderr)
         return error.status

@@ -7,6 +7,8 @@ import io
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from mailx.address import Address
 from mailx.cli import EX_DATAERR, EX_OK, EX_TEMPFAIL, main
 from mailx.control import ControlProtocol
 from mailx.envelope import ClientInfo, Envelope, Recipient, Route
+from mailx.queue import QueuedMessage
 from mailx.replies import Reply
 from mailx.spool import (
     MessageGone,
@@ -421,3 +424,28 @@ class StaleControlSocketTests(unittest.TestCase):
     def test_the_new_server_answers_on_the_control_socket(self) -> Deferred[None]:
         """``queue flush`` reaches the new server, not the files."""
         return Deferred.fromCoroutine(self._flush())
+
+
+def test_list_into_a_reader_that_stops_early_says_nothing(tmp_path: Path) -> None:
+    """``mailx queue list | head -1``: no "Broken pipe" complaint, status 0."""
+    config = write_config(tmp_path)
+    store = SpoolStore(str(tmp_path / "queue"))
+    store.prepare()
+    messages = [
+        (QueuedMessage.from_envelope(f"{n:08d}X", envelope("bob"), 10, 0.0), b"x")
+        for n in range(1500)  # more than the pipe holds
+    ]
+    assert store.store_new(messages) == [None] * len(messages)
+    command = [sys.executable, "-c", "from mailx.cli import main; main()"]
+    listing = subprocess.Popen(
+        [*command, "queue", "list", "--config", config],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert listing.stdout is not None and listing.stderr is not None
+    listing.stdout.readline()
+    listing.stdout.close()  # as head does after its line
+    assert listing.wait(30) == 0
+    assert listing.stderr.read() == b""
+    listing.stderr.close()
