@@ -70,7 +70,7 @@ from mailx.envelope import (
 )
 from mailx.ids import new_message_id
 from mailx.maillog import maillog, printable
-from mailx.replies import Reply
+from mailx.replies import Reply, ReplyError
 from mailx.text import Chunks, DataReader, check_text
 
 # RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets with CRLF.
@@ -888,6 +888,20 @@ class Session:
             self._reply(reply)
 
         def failed(failure: Failure) -> None:
+            if failure.check(ReplyError):
+                # The store said why (a full disk, an agent that ended) and
+                # logged the details: no traceback for what it expected.
+                error = failure.value
+                assert isinstance(error, ReplyError)
+                cause = error.__cause__
+                maillog.error(
+                    "{message_id}: not stored ({reason}): {reply}",
+                    message_id=envelope.message_id,
+                    reason=str(cause) if cause is not None else "refused",
+                    reply=str(error.reply),
+                )
+                self._reply(error.reply)
+                return
             maillog.failure(
                 "{message_id}: storing failed", failure, message_id=envelope.message_id
             )

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import cast
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from mailx import replies
 from mailx.envelope import Body, Route
-from mailx.replies import Reply
+from mailx.replies import Reply, ReplyError
 from mailx.session import MAX_COMMAND_LINE, Session
 from tests.sessionkit import FakeAuthenticator, FakeOutput, make_session
 
@@ -812,3 +813,30 @@ def test_shutdown_between_messages_is_421_at_once() -> None:
     session.shutting_down()
     assert output.codes() == [220, 250, 421]
     assert output.closed
+
+
+def test_a_message_the_store_refused_is_an_error_line_not_a_fault(
+    mail_log: list[str],
+) -> None:
+    """The spool could not take it: 451, and one line with why, no traceback."""
+    session, output, sink, _ = make_session()
+
+    def refuse(envelope: object, content: bytes) -> Deferred[Reply]:
+        try:
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as error:
+                raise ReplyError(replies.STORAGE_FAILED) from error
+        except ReplyError as refused:
+            return fail(refused)
+
+    sink.receive = refuse  # type: ignore[method-assign]
+    session.data_received(
+        b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<alice@example.org>\r\n"
+        b"DATA\r\nSubject: t\r\n\r\nhi\r\n.\r\n"
+    )
+    assert output.codes()[-1] == 451
+    (line,) = [line for line in mail_log if "stor" in line]
+    assert re.fullmatch(
+        r"\w+: not stored \(\[Errno 28\] No space left on device\): 451 .*", line
+    )
