@@ -24,7 +24,9 @@ The main process starts a worker again when one exits while it runs.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -279,6 +281,23 @@ def _kill(transport: Any) -> None:
         log.failure("could not kill a worker")
 
 
+def die_with_parent(signal_number: int = signal.SIGTERM) -> bool:
+    """
+    Ask Linux to send this process ``signal_number`` when its parent ends
+    (prctl PR_SET_PDEATHSIG): a worker whose main process was killed stops
+    at once, its share of the listeners with it, so that a server started
+    right after can listen.  False where that cannot be asked.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_PDEATHSIG, signal_number, 0, 0, 0) == 0)
+    except (AttributeError, OSError):
+        return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _watch_parent(reactor: Any, parent: int) -> None:
     """Stop the worker once its main process is gone (it was re-parented)."""
     if os.getppid() != parent and reactor.running:
@@ -311,7 +330,10 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
         index, descriptor, family = (int(part) for part in text.split(":"))
         listeners.append((index, descriptor, family))
     service = build_worker(mailx_options, reactor, listeners)
-    # Checked every second: a worker never outlives its main process.
+    # SIGTERM when the main process ends; and, where that cannot be asked
+    # or the main process ended before it was, checked every second: a
+    # worker never outlives its main process.
+    die_with_parent()
     LoopingCall(_watch_parent, reactor, options.parent).start(1.0)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

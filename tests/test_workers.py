@@ -12,6 +12,7 @@ import re
 import signal
 import smtplib
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -290,3 +291,42 @@ def test_a_worker_hands_on_an_alias_maildir_it_could_not_write(
         server.stop()
     assert len(server.messages("example.org", "alice")) == 1
     assert len(server.messages("example.org", "carol")) == 1
+
+
+def test_a_process_that_asked_ends_with_its_parent(tmp_path: Path) -> None:
+    """
+    die_with_parent: a child that asked is signalled when its parent is
+    killed, instead of living on (here it would sleep for a minute).
+    """
+    project = str(Path(__file__).resolve().parent.parent)
+    child = (
+        "import time; from mailx.workers import die_with_parent; "
+        "assert die_with_parent(); print('ready', flush=True); time.sleep(60)"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"c = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+        "print(c.pid, flush=True); time.sleep(60)"
+    )
+    environment = {**os.environ, "PYTHONPATH": project}
+    with subprocess.Popen(
+        [sys.executable, "-c", parent], stdout=subprocess.PIPE, env=environment
+    ) as top:
+        try:
+            assert top.stdout is not None
+            child_pid = int(top.stdout.readline())
+            # The child said it asked: its "ready" went to the same pipe.
+            assert top.stdout.readline().strip() == b"ready"
+        finally:
+            top.kill()
+            top.wait(10)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            state = Path(f"/proc/{child_pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break  # ended, waiting for whoever adopted it
+        assert time.monotonic() < deadline, "the child outlived its parent"
+        time.sleep(0.05)
