@@ -22,7 +22,13 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from mailx.config import ConfigError, load_config
-from mailx.control import OK, UNCHANGED, ControlUnavailable, send_command
+from mailx.control import (
+    OK,
+    TEMPORARY,
+    UNCHANGED,
+    ControlUnavailable,
+    send_command,
+)
 from mailx.dsn import split_headers
 from mailx.queue import QueuedMessage
 from mailx.spool import QUEUE_ID, SpoolStore
@@ -159,6 +165,8 @@ class QueueTool:
             return None
         except OSError as error:
             raise CommandError(f"server did not answer: {error}", EX_TEMPFAIL) from None
+        if answer.startswith(TEMPORARY):
+            raise CommandError(answer.removeprefix("error "), EX_TEMPFAIL)
         if answer not in (OK, UNCHANGED):
             raise CommandError(answer.removeprefix("error ") or "no answer")
         return answer

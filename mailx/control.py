@@ -36,6 +36,8 @@ DEFAULT_TIMEOUT = 60.0
 
 OK = "ok"
 UNCHANGED = "ok unchanged"
+# An answer for a command that may succeed when given again.
+TEMPORARY = "error temporary failure"
 
 
 class ControlTarget(Protocol):
@@ -110,6 +112,10 @@ class ControlProtocol(LineOnlyReceiver):
             return f"error no such message {message_id}"
         except MessageHeld:
             return f"error message {message_id} is on hold"
+        except OSError as error:
+            # The spool could not do it now (its agent ended, say): the
+            # command may be given again.
+            return f"{TEMPORARY} ({error}): try again"
         except Exception:
             log.failure("control command {verb} failed", verb=verb)
             return "error internal failure, see the server log"

@@ -449,3 +449,32 @@ def test_list_into_a_reader_that_stops_early_says_nothing(tmp_path: Path) -> Non
     assert listing.wait(30) == 0
     assert listing.stderr.read() == b""
     listing.stderr.close()
+
+
+class FailingTarget(GoneTarget):
+    """A spool whose change fails for now (its agent ended under it)."""
+
+    def delete(self, message_id: str) -> Deferred[None]:
+        return fail(OSError(5, "the spool agent ended (signal 9)"))
+
+
+def test_a_command_the_spool_could_not_do_now_is_a_temporary_failure() -> None:
+    protocol = ControlProtocol(FailingTarget())
+    transport = StringTransport()
+    protocol.transport = transport
+    protocol.lineReceived(b"delete 31809G8ZB66012R7BG4J")
+    (answer,) = transport.value().decode().splitlines()
+    assert answer == (
+        "error temporary failure ([Errno 5] the spool agent ended (signal 9)):"
+        " try again"
+    )
+
+
+def test_the_tool_exits_75_on_a_temporary_failure_of_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path)
+    message_id = queue_message(tmp_path, "bob")
+    answer = "error temporary failure ([Errno 5] agent ended): try again"
+    monkeypatch.setattr("mailx.cli.send_command", lambda path, command: answer)
+    assert run("queue", "delete", message_id, "--config", config)[0] == EX_TEMPFAIL
