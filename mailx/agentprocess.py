@@ -62,6 +62,21 @@ def agent_command(*arguments: str) -> list[str]:
     return [sys.executable, "-I", "-c", code, *arguments]
 
 
+def start_problem() -> str | None:
+    """
+    Why this process could not start its agents, as far as can be told
+    without starting one: the Python it runs or mailx's files out of its
+    reach (``twistd --uid`` to a user without access to them), mailx's
+    files gone (an upgrade under a running server).  None if none is seen.
+    """
+    agents = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents.py")
+    if not os.access(sys.executable, os.X_OK):
+        return f"cannot run {sys.executable}"
+    if not os.access(agents, os.R_OK):
+        return f"cannot read {agents}"
+    return None
+
+
 class AgentProcess(ProcessProtocol):
     """One agent process, started on demand; ``name`` is for the logs."""
 

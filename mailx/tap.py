@@ -39,7 +39,13 @@ from twisted.python.failure import Failure
 
 from mailx import auth
 from mailx import local as local_recipients
-from mailx.agentprocess import STOP_TIMEOUT, AgentProcess, MaildirAgent, SpoolAgent
+from mailx.agentprocess import (
+    STOP_TIMEOUT,
+    AgentProcess,
+    MaildirAgent,
+    SpoolAgent,
+    start_problem,
+)
 from mailx.backup import backup_check_from_config
 from mailx.config import Config, ConfigError, load_config
 from mailx.files import open_regular_for_append
@@ -255,6 +261,14 @@ class MailxService(MultiService):
         # logrotate moved it); never the default, which ends the process.
         signal.signal(signal.SIGHUP, self._on_sighup)
         super().startService()  # type: ignore[no-untyped-call]
+        # Now as the user twistd runs as: can it start the agents?
+        problem = start_problem() if self._agents() else None
+        if problem is not None:
+            maillog.error(
+                "the agents cannot start ({problem}): local mail is queued"
+                " and mail to queue is refused with 451 until they can",
+                problem=problem,
+            )
         maillog.info(
             "mailx started as {hostname}; local={local} backup={backup}",
             hostname=self.config.server.hostname,

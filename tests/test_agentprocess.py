@@ -481,3 +481,34 @@ def test_an_agent_still_answering_at_stop_is_let_finish(clock: Clock) -> None:
     assert not maildir.killed and not stopped
     clock.advance(agentprocess.STOP_TIMEOUT)
     assert maildir.killed and stopped
+
+
+def test_nothing_keeps_the_agents_from_starting_here() -> None:
+    assert agentprocess.start_problem() is None
+
+
+def test_a_python_that_cannot_be_run_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python = tmp_path / "python3"
+    python.write_text("not runnable\n")
+    python.chmod(0o644)
+    monkeypatch.setattr(sys, "executable", str(python))
+    assert agentprocess.start_problem() == f"cannot run {python}"
+
+
+def test_the_start_says_when_the_agents_cannot_start(
+    clock: Clock, mail_log: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mailx.tap.start_problem", lambda: "cannot run /x/python3")
+    service = MailxService(load_config(None), None, clock)
+    service.parts = cast(Any, SimpleNamespace(agent=FakeAgent("maildir", False)))
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        service.startService()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert mail_log[0] == (
+        "the agents cannot start (cannot run /x/python3): local mail is queued"
+        " and mail to queue is refused with 451 until they can"
+    )
