@@ -153,7 +153,9 @@ class AgentTests(TestCase):
         def too_big(number: int, parts: object) -> bytes:
             raise struct.error("argument out of range")
 
-        self.patch(agentprocess, "encode_submission", too_big)  # type: ignore[no-untyped-call]
+        self.patch(  # type: ignore[no-untyped-call]
+            agentprocess, "encode_submission", too_big
+        )
         with pytest.raises(OSError) as failed:
             await agent.submit([(str(self.root / "a"), b"x")])
         assert failed.value.errno == errno.EFBIG
@@ -220,6 +222,22 @@ def send_and_find_agent(server: MailxProcess, recipient: str, kind: str) -> int:
     return pid
 
 
+def kill_and_send_again(server: MailxProcess, recipient: str, kind: str) -> int:
+    """
+    Send Subject 1 to ``recipient``, kill -9 the agent of ``kind`` it
+    started, wait for the mail log to say so, send Subject 2: the new agent.
+    """
+    first = send_and_find_agent(server, recipient, kind)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: " agent ended (signal 9)" in server.log(), server.log())
+    with smtplib.SMTP(server.address, server.port, timeout=30) as client:
+        client.sendmail("s@example.org", [recipient], b"Subject: 2\r\n\r\n")
+    assert server.process is not None
+    second = agent_pid(server.process.pid, kind)
+    assert second is not None and second != first
+    return second
+
+
 def wait_for(condition: Callable[[], object], what: str) -> None:
     deadline = time.monotonic() + 10
     while not condition():
@@ -237,15 +255,7 @@ def test_the_server_survives_its_agent_and_loses_no_mail(tmp_path: Path) -> None
     server.start()
     try:
         assert server.process is not None
-        first = send_and_find_agent(server, "alice@example.org", "maildir")
-        os.kill(first, signal.SIGKILL)
-        wait_for(lambda: "maildir delivery agent ended" in server.log(), server.log())
-        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
-            client.sendmail(
-                "s@example.net", ["alice@example.org"], b"Subject: 2\r\n\r\n"
-            )
-        second = agent_pid(server.process.pid, "maildir")
-        assert second is not None and second != first
+        second = kill_and_send_again(server, "alice@example.org", "maildir")
         assert alices_subjects(server) == [b"Subject: 1", b"Subject: 2"]
         assert (
             "maildir delivery agent ended (signal 9) with 0 requests unanswered"
@@ -320,13 +330,7 @@ def test_a_relaying_server_survives_its_spool_agent(tmp_path: Path) -> None:
     queue = SpoolStore(str(server.workdir / "var/mailx/queue"))
     try:
         assert server.process is not None
-        first = send_and_find_agent(server, "r@far.test", "spool")
-        os.kill(first, signal.SIGKILL)
-        wait_for(lambda: "spool agent ended" in server.log(), server.log())
-        with smtplib.SMTP(server.address, server.port, timeout=30) as client:
-            client.sendmail("s@example.org", ["r@far.test"], b"Subject: 2\r\n\r\n")
-        second = agent_pid(server.process.pid, "spool")
-        assert second is not None and second != first
+        second = kill_and_send_again(server, "r@far.test", "spool")
         # It holds the queue's lock as well as the server.
         lock = server.workdir / "var/mailx/queue/lock"
         assert os.readlink(f"/proc/{second}/fd/3") == str(lock)
