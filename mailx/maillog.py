@@ -22,6 +22,7 @@ from twisted.logger import (
     ILogObserver,
     LogEvent,
     Logger,
+    LogLevel,
     formatEvent,
     globalLogPublisher,
 )
@@ -65,8 +66,38 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
+_LEVELS = frozenset(LogLevel.iterconstants())
+
+
+class MailLogger(Logger):
+    """
+    A ``Logger`` whose ``emit`` checks the level with a set look-up.
+
+    ``Logger.emit`` walks every ``LogLevel`` constant on each event to
+    validate the level, about a tenth of the mail log's cost under load
+    (issue 7).  The event is the same; a level that is not a ``LogLevel``
+    still goes to ``Logger.emit``, which reports it.
+    """
+
+    def emit(
+        self, level: LogLevel, format: str | None = None, **kwargs: object
+    ) -> None:
+        if level not in _LEVELS or "log_trace" in kwargs:
+            super().emit(level, format, **kwargs)
+            return
+        kwargs.update(
+            log_logger=self,
+            log_level=level,
+            log_namespace=self.namespace,
+            log_source=self.source,
+            log_format=format,
+            log_time=time.time(),
+        )
+        self.observer(kwargs)
+
+
 router = MailLogRouter()
-maillog = Logger(namespace=MAIL_NAMESPACE, observer=router)
+maillog = MailLogger(namespace=MAIL_NAMESPACE, observer=router)
 
 
 @implementer(ILogObserver)

@@ -10,13 +10,14 @@ from twisted.internet.task import Clock
 from twisted.logger import (
     ILogObserver,
     LogEvent,
+    Logger,
     LogLevel,
     formatEvent,
     globalLogPublisher,
 )
 from twisted.python.failure import Failure
 
-from mailx.maillog import MailLogFile, MailLogRouter
+from mailx.maillog import MailLogFile, MailLogger, MailLogRouter
 
 
 def event(template: str, **fields: object) -> LogEvent:
@@ -55,6 +56,35 @@ def test_lines_match_twisted_rendering() -> None:
         assert text == formatEvent(case)
     assert lines[0].endswith("connect from [::1]:25")
     assert lines[1].endswith("expired ID age=13")
+
+
+def test_mail_logger_events_are_twisted_logger_events() -> None:
+    """The mail log's Logger emits what Twisted's would, for every level."""
+    ours: list[LogEvent] = []
+    theirs: list[LogEvent] = []
+    mail = MailLogger(namespace="mailx.mail", observer=cast(ILogObserver, ours.append))
+    plain = Logger(namespace="mailx.mail", observer=cast(ILogObserver, theirs.append))
+    for level in LogLevel.iterconstants():
+        mail.emit(level, "queued {message_id}", message_id="ID")
+        plain.emit(level, "queued {message_id}", message_id="ID")
+    assert len(ours) == len(theirs) == len(list(LogLevel.iterconstants()))
+    for mine, twisted_event in zip(ours, theirs, strict=True):
+        assert mine["log_logger"] is mail
+        assert abs(mine.pop("log_time") - twisted_event.pop("log_time")) < 5
+        assert {k: v for k, v in mine.items() if k != "log_logger"} == {
+            k: v for k, v in twisted_event.items() if k != "log_logger"
+        }
+        assert formatEvent(mine) == "queued ID"
+
+
+def test_mail_logger_reports_a_level_that_is_not_one() -> None:
+    """A bad level is reported as Twisted's Logger reports it, not emitted."""
+    seen: list[LogEvent] = []
+    mail = MailLogger(namespace="mailx.mail", observer=cast(ILogObserver, seen.append))
+    mail.emit("loud", "queued {message_id}", message_id="ID")  # type: ignore[arg-type]
+    assert len(seen) == 1
+    assert seen[0]["log_level"] is LogLevel.critical
+    assert "invalid log level" in formatEvent(seen[0])
 
 
 def test_a_failure_also_reaches_the_twistd_log() -> None:
