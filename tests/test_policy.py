@@ -185,6 +185,20 @@ def test_network_boundaries() -> None:
         assert policy.is_trusted(ClientInfo(address, 1)) is trusted, address
 
 
+def test_each_policy_answers_from_its_own_networks() -> None:
+    """The same client asked of two policies in turn (answers are kept per
+    address and networks): each answers from its own relay.networks."""
+    wide = RelayPolicy([LOCAL], [], [ipaddress.ip_network("10.0.0.0/8")], local_exists)
+    narrow = RelayPolicy(
+        [LOCAL], [], [ipaddress.ip_network("10.1.0.0/16")], local_exists
+    )
+    client = ClientInfo("10.2.0.1", 1)
+    for _ in range(2):
+        assert wide.is_trusted(client)
+        assert not narrow.is_trusted(client)
+        assert narrow.is_trusted(ClientInfo("10.1.0.1", 1))
+
+
 def test_mapped_network_in_the_configuration() -> None:
     """A relay.networks entry written as ::ffff:a.b.c.d/n trusts that IPv4 client."""
     policy = RelayPolicy(
