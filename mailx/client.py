@@ -137,6 +137,10 @@ class Transaction:
 
     def subset(self, indices: list[int]) -> Transaction:
         """The same transaction for the recipients at ``indices`` only."""
+        if indices == list(range(len(self.recipients))):
+            # Every recipient, in order (a first attempt): the transaction
+            # itself, which nothing changes once it is made.
+            return self
         return dataclasses.replace(
             self,
             recipients=[self.recipients[i] for i in indices],

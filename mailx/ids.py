@@ -8,6 +8,16 @@ import time
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
 _counter = itertools.count()
+# The process id, asked of the kernel once a process rather than once an id.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _encode(number: int, width: int) -> str:
@@ -21,5 +31,5 @@ def _encode(number: int, width: int) -> str:
 def new_message_id(now: float | None = None) -> str:
     """A queue id: microseconds since the epoch, the pid and a counter."""
     micros = int((time.time() if now is None else now) * 1_000_000)
-    tail = (os.getpid() << 20) | (next(_counter) & 0xFFFFF)
+    tail = (_pid << 20) | (next(_counter) & 0xFFFFF)
     return _encode(micros, 11) + _encode(tail, 9)

@@ -594,3 +594,24 @@ class TestProtocol:
         assert transport.disconnecting
         protocol.connectionLost()
         assert got[0].replies == {0: Reply(550, "5.1.1", "no")}
+
+
+def test_transaction_subset_keeps_each_recipients_parameters() -> None:
+    """A subset carries the chosen recipients with their own NOTIFY and ORCPT;
+    the whole set in order is the transaction as it was."""
+    whole = Transaction(
+        Address("s", "src.test"),
+        [Address("a", "dst.test"), Address("b", "dst.test"), Address("c", "dst.test")],
+        CONTENT,
+        ret="HDRS",
+        notify=[frozenset({"NEVER"}), None, frozenset({"SUCCESS"})],
+        orcpt=["rfc822;a@x.test", None, "rfc822;c@x.test"],
+    )
+    part = whole.subset([0, 2])
+    assert [str(r) for r in part.recipients] == ["a@dst.test", "c@dst.test"]
+    assert part.notify == [frozenset({"NEVER"}), frozenset({"SUCCESS"})]
+    assert part.orcpt == ["rfc822;a@x.test", "rfc822;c@x.test"]
+    assert part.ret == "HDRS"
+    assert part.content == CONTENT
+    assert whole.subset([0, 1, 2]) == whole
+    assert whole.subset([2, 1, 0]).recipients == list(reversed(whole.recipients))
