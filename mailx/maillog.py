@@ -39,26 +39,7 @@ class MailLogRouter:
         self.destination: ILogObserver = globalLogPublisher
 
     def __call__(self, event: LogEvent) -> None:
-        self.destination(_printable_fields(event))
-
-
-def _printable_fields(event: LogEvent) -> LogEvent:
-    """
-    The event with control characters in its text fields shown as "?": the
-    fields carry what clients sent (paths, HELO names, user names), and an
-    escape sequence must not reach an operator's terminal through the log.
-    """
-    unsafe = [
-        key
-        for key, value in event.items()
-        if isinstance(value, str) and not value.isprintable() and key[:4] != "log_"
-    ]
-    if not unsafe:
-        return event
-    cleaned = dict(event)
-    for key in unsafe:
-        cleaned[key] = printable(cleaned[key])
-    return cleaned
+        self.destination(event)
 
 
 def printable(text: str) -> str:
@@ -71,17 +52,25 @@ _LEVELS = frozenset(LogLevel.iterconstants())
 
 class MailLogger(Logger):
     """
-    A ``Logger`` whose ``emit`` checks the level with a set look-up.
+    The mail log's ``Logger``: its events' text fields are made printable.
+
+    The fields carry what clients sent (paths, HELO names, user names): a
+    control character in them is shown as "?", so that an escape sequence
+    never reaches an operator's terminal through the log.  Only the fields
+    the caller gave are looked at, not Twisted's own ``log_`` fields.
 
     ``Logger.emit`` walks every ``LogLevel`` constant on each event to
     validate the level, about a tenth of the mail log's cost under load
-    (issue 7).  The event is the same; a level that is not a ``LogLevel``
+    (issue 7); here a set look-up does.  A level that is not a ``LogLevel``
     still goes to ``Logger.emit``, which reports it.
     """
 
     def emit(
         self, level: LogLevel, format: str | None = None, **kwargs: object
     ) -> None:
+        for key, value in kwargs.items():
+            if isinstance(value, str) and not value.isprintable():
+                kwargs[key] = printable(value)
         if level not in _LEVELS or "log_trace" in kwargs:
             super().emit(level, format, **kwargs)
             return
@@ -148,45 +137,37 @@ class MailLogFile:
         self.file.flush()
 
 
-# Format string -> its parts (literal text, field name, format spec), or None
-# where it needs more than plain named fields.
-_Parts = list[tuple[str, str | None, str]]
-_parsed: dict[str, _Parts | None] = {}
+# Format string -> whether it has plain named fields only ({name} and
+# {name:spec}), which str.format_map fills in as Twisted's formatEvent does.
+_plain: dict[str, bool] = {}
 
 
 def _render(event: LogEvent) -> str:
     """The event's text: its format string with its named fields filled in.
 
     The mail log formats are plain ``{name}`` and ``{name:spec}`` fields, so
-    each is parsed once; anything else falls back to Twisted's formatEvent.
+    each is checked once and then filled in by ``str.format_map``; anything
+    else falls back to Twisted's formatEvent.
     """
     template = event.get("log_format")
     if not isinstance(template, str):
         return formatEvent(event)
-    if template not in _parsed:
-        _parsed[template] = _parse(template)
-    parts = _parsed[template]
-    if parts is None:
+    plain = _plain.get(template)
+    if plain is None:
+        plain = _plain[template] = _is_plain(template)
+    if not plain:
         return formatEvent(event)
-    pieces = []
     try:
-        for literal, field, spec in parts:
-            pieces.append(literal)
-            if field is not None:
-                value = event[field]
-                pieces.append(format(value, spec) if spec else str(value))
-    except (KeyError, ValueError, TypeError):
+        return template.format_map(event)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError):
         return formatEvent(event)
-    return "".join(pieces)
 
 
-def _parse(template: str) -> _Parts | None:
-    parts: _Parts = []
+def _is_plain(template: str) -> bool:
     try:
-        for literal, field, spec, conversion in string.Formatter().parse(template):
-            if field is not None and (conversion or not field.isidentifier()):
-                return None
-            parts.append((literal, field, spec or ""))
+        return all(
+            field is None or (not conversion and field.isidentifier())
+            for _, field, _, conversion in string.Formatter().parse(template)
+        )
     except ValueError:
-        return None
-    return parts
+        return False

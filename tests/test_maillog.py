@@ -128,12 +128,10 @@ def test_control_characters_from_clients_do_not_reach_the_log() -> None:
     out = io.StringIO()
     router = MailLogRouter()
     router.destination = MailLogFile(out)
-    router(
-        event(
-            "reject: MAIL from [{client_address}]: 553; from=<{sender}>",
-            client_address="192.0.2.1",
-            sender="\x1b[2Jx\x00@example.com",
-        )
+    MailLogger(namespace="mailx.mail", observer=router).info(
+        "reject: MAIL from [{client_address}]: 553; from=<{sender}>",
+        client_address="192.0.2.1",
+        sender="\x1b[2Jx\x00@example.com",
     )
     line = out.getvalue()
     assert "\x1b" not in line and "\x00" not in line
