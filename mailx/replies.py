@@ -8,7 +8,6 @@ and tests can name what they expect.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 
@@ -42,17 +41,21 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """Encode per RFC 5321 section 4.2.1: ``code-text`` lines, last ``code sp``."""
-        return self._wire
+        # Kept on the reply (not a field: equality and hash are unchanged),
+        # since most replies are module constants sent many times.
+        wire: bytes | None = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self._encode()
+            object.__setattr__(self, "_wire", wire)
+        return wire
 
-    @functools.cached_property
-    def _wire(self) -> bytes:
-        # Computed once a reply: most replies are module constants.
+    def _encode(self) -> bytes:
         lines = self.lines()
-        out = []
-        for index, line in enumerate(lines):
-            separator = " " if index == len(lines) - 1 else "-"
-            out.append(f"{self.code}{separator}{line}\r\n")
-        return "".join(out).encode("utf-8")
+        last = len(lines) - 1
+        return "".join(
+            f"{self.code}{' ' if index == last else '-'}{line}\r\n"
+            for index, line in enumerate(lines)
+        ).encode("utf-8")
 
     def __str__(self) -> str:
         return f"{self.code} {' / '.join(self.lines())}"
