@@ -19,7 +19,7 @@ from mailx import replies
 from mailx.address import Address, AddressError, parse_forward_path, parse_reverse_path
 from mailx.config import load_config
 from mailx.envelope import ClientInfo, RecipientDecision, Route
-from mailx.policy import RelayPolicy
+from mailx.policy import TRUSTED_KEPT, RelayPolicy
 from mailx.replies import Reply
 
 LOCAL = "local.example"
@@ -197,6 +197,18 @@ def test_each_policy_answers_from_its_own_networks() -> None:
         assert wide.is_trusted(client)
         assert not narrow.is_trusted(client)
         assert narrow.is_trusted(ClientInfo("10.1.0.1", 1))
+
+
+def test_answers_stay_right_past_the_number_of_addresses_kept() -> None:
+    """More client addresses than a policy keeps answers for: each is still
+    answered from relay.networks, the first ones again too."""
+    policy = make_policy()
+    addresses = [f"10.0.{i // 256}.{i % 256}" for i in range(TRUSTED_KEPT + 10)]
+    addresses += [f"11.0.{i // 256}.{i % 256}" for i in range(TRUSTED_KEPT + 10)]
+    for _ in range(2):
+        for address in addresses:
+            expected = address.startswith("10.")
+            assert policy.is_trusted(ClientInfo(address, 1)) is expected, address
 
 
 def test_mapped_network_in_the_configuration() -> None:
