@@ -23,6 +23,7 @@ attempts try them last, for a short time that grows with each failure.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import socket
@@ -72,7 +73,10 @@ def _normal_name(name: str) -> str:
     return name.rstrip(".").lower()
 
 
+@functools.lru_cache(maxsize=256)
 def is_ip_address(text: str) -> bool:
+    # Kept per name: a smarthost given as an address is asked about on
+    # every delivery (issue 7).
     try:
         ipaddress.ip_address(text)
     except ValueError:

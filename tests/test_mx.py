@@ -298,8 +298,10 @@ def test_resolve_host_of_an_ip() -> None:
     """An IP address as a host name resolves to itself, without DNS."""
     resolver, fake = make({})
     got: list[Any] = []
-    resolver.resolve_host("192.0.2.60").addCallback(got.append)
-    assert got == [["192.0.2.60"]]
+    for _ in range(2):
+        resolver.resolve_host("192.0.2.60").addCallback(got.append)
+        resolver.resolve_host("2001:db8::60").addCallback(got.append)
+    assert got == [["192.0.2.60"], ["2001:db8::60"]] * 2
     assert fake.asked == []
 
 
