@@ -225,6 +225,12 @@ class ReplyParser:
     def _reply(self) -> Reply:
         lines, self._lines = self._lines, []
         code = int(lines[0][:3])
+        # RFC 5321 section 4.2.1: every line of a reply has the same code.
+        # Taking the first of "250-...", "550 ..." would take a refusal for
+        # a success.
+        if any(line[:3] != lines[0][:3] for line in lines):
+            codes = ", ".join(dict.fromkeys(line[:3] for line in lines))
+            raise ValueError(f"a reply whose lines have different codes ({codes})")
         texts = [line[4:] for line in lines]
         # RFC 2034 section 4: the enhanced code starts the text of each line.
         found = _ENHANCED.match(texts[0])
@@ -483,6 +489,11 @@ class ClientSession:
         return Send(line.encode("utf-8") + b"\r\n")
 
     def _fail(self, reply: Reply) -> list[Action]:
+        if reply.code < 400:
+            # A reply that says success cannot be why nothing was delivered:
+            # taken as the outcome, it would count as delivery.
+            failure = replies.NEXT_HOP_PROTOCOL_ERROR
+            reply = failure.with_text(f"{failure.text}: unexpected reply {reply}")
         self.outcome.failure = reply
         self.phase = Phase.DONE
         return [Finish(self.outcome)]
@@ -504,7 +515,29 @@ class ClientSession:
         handler = _REPLY_HANDLERS.get(self.phase)
         if handler is None:
             return []
+        if reply.code < 400:
+            expected = self._positive_codes()
+            if expected and reply.code not in expected:
+                # RFC 5321 section 4.3.2: each command has its own success
+                # codes.  Any other is a next hop out of step with us (a
+                # 250 to DATA, or a second greeting taken for the EHLO
+                # reply): nothing it said of this transaction counts.
+                raise ValueError(f"{reply.code} in reply to {self._awaited()}: {reply}")
         return handler(self, reply)
+
+    def _awaited(self) -> str:
+        """What the next reply answers, in the words of RFC 5321."""
+        if self.phase is Phase.ENVELOPE and self._awaiting:
+            return self._awaiting[0][0].name
+        if self.phase is Phase.CONTENT:
+            return "the end of the message"
+        return self.phase.name.replace("_", " ")
+
+    def _positive_codes(self) -> frozenset[int]:
+        """The success codes of what the next reply answers; empty: any."""
+        if self.phase is Phase.ENVELOPE and self._awaiting:
+            return _STEP_CODES[self._awaiting[0][0]]
+        return _PHASE_CODES.get(self.phase, frozenset())
 
     def _on_greeting(self, reply: Reply) -> list[Action]:
         if reply.code != 220:
@@ -771,6 +804,25 @@ class ClientSession:
         for index in self._accepted:
             self.outcome.replies[index] = reply
 
+
+# RFC 5321 section 4.3.2 (RFC 3207 for STARTTLS, RFC 4954 for AUTH, RFC
+# 3030 for BDAT, answered in CONTENT): the success and intermediate codes of
+# the reply each phase waits for.
+_PHASE_CODES: dict[Phase, frozenset[int]] = {
+    Phase.GREETING: frozenset({220}),
+    Phase.EHLO: frozenset({250}),
+    Phase.TLS_EHLO: frozenset({250}),
+    Phase.HELO: frozenset({250}),
+    Phase.STARTTLS: frozenset({220}),
+    Phase.AUTH: frozenset({235, 334}),
+    Phase.DATA: frozenset({354}),
+    Phase.CONTENT: frozenset({250}),
+}
+_STEP_CODES: dict[_Step, frozenset[int]] = {
+    _Step.MAIL: frozenset({250}),
+    _Step.RCPT: frozenset({250, 251}),
+    _Step.DATA: frozenset({354}),
+}
 
 # What each phase does with the reply it waits for; a phase not here (DONE)
 # waits for none.  Made once: an Enum member hashes in Python, and a table

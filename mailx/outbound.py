@@ -488,7 +488,8 @@ class OutboundAgent:
         tls: bool,
         reply: Reply,
     ) -> None:
-        status = "sent" if reply.is_positive else "deferred"
+        # Sent only on a 2xx, as the spool counts a delivery (mailx.spool).
+        status = "sent" if 200 <= reply.code < 300 else "deferred"
         if reply.is_permanent:
             status = "bounced"
         maillog.info(

@@ -107,7 +107,8 @@ class HandoffQueue:
             outcome = await self._over_new(transaction)
         for index in range(len(recipients)):
             reply = outcome.replies.get(index, outcome.failure)
-            if reply is None or not reply.is_positive:
+            # Taken only on a 2xx to the end of the data (RFC 5321 4.3.2).
+            if reply is None or not 200 <= reply.code < 300:
                 raise ReplyError(reply or replies.LOCAL_ERROR)
         return envelope.message_id
 

@@ -39,6 +39,8 @@ from tests.smtppeer import unstuff
 
 CONTENT = b"Subject: t\r\n\r\nbody\r\n"
 EHLO_PIPELINING = b"250-peer hello\r\n250-PIPELINING\r\n250 SIZE 1000\r\n"
+ENVELOPE_354 = b"250 ok\r\n250 ok\r\n354 go\r\n"
+OK_250 = b"250 2.0.0 ok\r\n"
 
 
 def transaction(*recipients: str, content: bytes = CONTENT) -> Transaction:
@@ -360,6 +362,67 @@ class TestSession:
         to_envelope(session, b"250-peer\r\n250-BINARYMIME\r\n250 CHUNKING\r\n")
         assert session.phase is Phase.ENVELOPE
         assert session.data_received(b"250 ok\r\n") == [Send(b"RCPT TO:<a@d.test>\r\n")]
+
+    @pytest.mark.parametrize(
+        ("replies", "awaited"),
+        [
+            # A second greeting line, taken for the EHLO reply.
+            ([b"220 peer ready\r\n220 welcome, second banner\r\n"], "EHLO"),
+            ([b"250 hello\r\n"], "GREETING"),
+            ([b"220 hi\r\n", b"354 go\r\n"], "EHLO"),
+            (
+                [b"220 hi\r\n", b"250-peer\r\n250 STARTTLS\r\n", b"250 ok\r\n"],
+                "STARTTLS",
+            ),
+            ([b"220 hi\r\n", EHLO_PIPELINING, b"354 go\r\n"], "MAIL"),
+            ([b"220 hi\r\n", EHLO_PIPELINING, b"250 ok\r\n220 ready\r\n"], "RCPT"),
+            ([b"220 hi\r\n", EHLO_PIPELINING, b"250 ok\r\n354 go\r\n"], "RCPT"),
+            # A 250 to DATA: the content would never be sent.
+            (
+                [b"220 hi\r\n", EHLO_PIPELINING, b"250 ok\r\n250 ok\r\n250 ok\r\n"],
+                "DATA",
+            ),
+            (
+                [b"220 hi\r\n", b"250 peer\r\n", b"250 ok\r\n", b"250 ok\r\n", OK_250],
+                "DATA",
+            ),
+            (
+                [b"220 hi\r\n", EHLO_PIPELINING, ENVELOPE_354, b"354 again\r\n"],
+                "the end of the message",
+            ),
+        ],
+    )
+    def test_a_success_code_out_of_step_delivers_nothing(
+        self, replies: list[bytes], awaited: str
+    ) -> None:
+        """RFC 5321 section 4.3.2: a success code that is not one of the
+        command's own (a 250 to DATA, a 354 to the end of data, a second
+        greeting where the EHLO reply belongs) ends the session with 451
+        4.5.0, and no recipient counts as delivered."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        actions: list[Any] = []
+        for reply in replies:
+            assert not session.finished
+            actions = session.data_received(reply)
+        outcome = outcome_of(actions)
+        assert outcome.failure is not None
+        assert (outcome.failure.code, outcome.failure.enhanced) == (451, "4.5.0")
+        assert f"in reply to {awaited}" in outcome.failure.text
+        assert not any(r.code < 400 for r in outcome.replies.values())
+
+    def test_a_reply_whose_lines_disagree_delivers_nothing(self) -> None:
+        """RFC 5321 section 4.2.1: every line of a reply has the same code;
+        "250-ok" then "550 no" is neither success nor refusal."""
+        session = ClientSession("me.test", transaction("a@d.test", "b@d.test"))
+        to_envelope(session)
+        actions = session.data_received(
+            b"250 ok\r\n250 ok\r\n250-2.1.5 ok\r\n550 5.1.1 mixed\r\n"
+        )
+        outcome = outcome_of(actions)
+        assert outcome.failure is not None
+        assert (outcome.failure.code, outcome.failure.enhanced) == (451, "4.5.0")
+        assert "different codes (250, 550)" in outcome.failure.text
+        assert outcome.replies == {}
 
     def test_garbage_reply_is_a_protocol_error(self) -> None:
         """A peer that sends no SMTP reply ends the session temporarily."""

@@ -369,6 +369,38 @@ class SessionTests(OutboundTestCase):
         assert self.codes(results) == ["451 4.3.0", "550 5.1.1"]
         assert self.peers.peer("127.0.0.6").messages == []
 
+    async def test_data_answered_250_is_no_delivery(self) -> None:
+        """A next hop that answers DATA with 250 never got the content: the
+        recipients are deferred with 451 4.5.0, not delivered (RFC 5321
+        section 4.3.2: DATA's reply is 354 or an error)."""
+        agent = self.start({"127.0.0.6": Script(replies={"DATA": "250 2.0.0 ok"})})
+        results = await self.send(agent, ["a@nomx.test", "b@nomx.test"])
+        assert self.codes(results) == ["451 4.5.0", "451 4.5.0"]
+        assert "250 in reply to DATA" in results[0].reply.text
+        assert self.peers.peer("127.0.0.6").messages == []
+
+    async def test_a_second_banner_line_is_no_ehlo_reply(self) -> None:
+        """A greeting sent as two 220 replies: the second is not taken for
+        the EHLO reply (every later reply would be one step off, and a RCPT's
+        250 taken for DATA's), the recipients are deferred."""
+        script = Script(greeting="220 peer.test ESMTP\r\n220 welcome, second line")
+        agent = self.start({"127.0.0.6": script})
+        results = await self.send(agent, ["a@nomx.test"])
+        assert self.codes(results) == ["451 4.5.0"]
+        assert self.peers.peer("127.0.0.6").messages == []
+
+    async def test_a_reply_of_mixed_codes_is_no_acceptance(self) -> None:
+        """A RCPT reply whose lines say 250 then 550 is a broken reply, not an
+        acceptance: nothing is delivered, nothing bounced (RFC 5321 section
+        4.2.1)."""
+        script = Script(
+            recipient_replies={"b@nomx.test": "250-2.1.5 ok\r\n550 5.1.1 mixed"}
+        )
+        agent = self.start({"127.0.0.6": script})
+        results = await self.send(agent, ["a@nomx.test", "b@nomx.test"])
+        assert self.codes(results) == ["451 4.5.0", "451 4.5.0"]
+        assert self.peers.peer("127.0.0.6").messages == []
+
     async def test_final_reply_5xx_is_permanent(self) -> None:
         """A 5xx to the end of data fails the accepted recipients permanently."""
         agent = self.start({"127.0.0.6": Script(replies={".": "554 5.7.1 spam"})})
