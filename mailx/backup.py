@@ -198,7 +198,8 @@ class ProbeSession:
         if self.phase in (_Phase.EHLO, _Phase.HELO):
             return self._on_greeted(reply)
         if self.phase is _Phase.MAIL:
-            if not reply.is_positive:
+            # RFC 5321 section 4.3.2: MAIL succeeds with 250 only.
+            if reply.code != 250:
                 return self._give_up(reply)
             return self._send(_Phase.RCPT, f"RCPT TO:<{self._recipient}>")
         return self._on_rcpt(reply)
@@ -207,7 +208,8 @@ class ProbeSession:
         if reply.is_permanent and self.phase is _Phase.EHLO:
             # RFC 5321 section 3.2: an old server that does not know EHLO.
             return self._send(_Phase.HELO, f"HELO {self._hostname}")
-        if not reply.is_positive:
+        # RFC 5321 section 4.3.2: EHLO and HELO succeed with 250 only.
+        if reply.code != 250:
             return self._give_up(reply)
         keywords = [line.split(" ")[0].upper() for line in reply.text.split("\n")[1:]]
         self._smtputf8 = "SMTPUTF8" in keywords
@@ -219,7 +221,9 @@ class ProbeSession:
         return self._send(_Phase.MAIL, f"MAIL FROM:<>{parameter}")
 
     def _on_rcpt(self, reply: Reply) -> list[bytes]:
-        if reply.is_positive:
+        # RFC 5321 section 4.3.2: RCPT succeeds with 250 or 251; any other
+        # code below 400 is a server out of step, which says nothing.
+        if reply.code in (250, 251):
             self._decide(Verdict.EXISTS, reply)
         elif reply.is_permanent:
             self._decide(Verdict.REFUSED, reply)
@@ -367,6 +371,7 @@ class RecipientProber:
 
         targets = [(hop.host, a) for hop in hops for a in hop.addresses]
         last = "no exchange answered"
+        last_reply: Reply | None = None
         for host, ip in targets[: self._max_hosts]:
             result = await self._probe_one(ip, address)
             where = f"{host}[{ip}]"
@@ -377,7 +382,8 @@ class RecipientProber:
                 _log_decision(address, REFUSE, f"refused by {where}", result.reply)
                 return True, REFUSE
             last = f"{where} did not say"
-        _log_decision(address, ACCEPT, f"{last}, accepted unverified", None)
+            last_reply = result.reply
+        _log_decision(address, ACCEPT, f"{last}, accepted unverified", last_reply)
         return False, ACCEPT
 
     async def _probe_one(self, ip: str, address: Address) -> ProbeResult:

@@ -70,10 +70,16 @@ def test_probe_names_the_recipient_and_never_sends_data() -> None:
         ("553 5.1.3 bad address", Verdict.REFUSED),
         ("450 4.2.0 greylisted", Verdict.UNKNOWN),
         ("251 2.1.5 will forward", Verdict.EXISTS),
+        # RFC 5321 section 4.3.2: RCPT succeeds with 250 or 251 only; any
+        # other code below 400 says nothing of the recipient.
+        ("354 go ahead", Verdict.UNKNOWN),
+        ("220 hello again", Verdict.UNKNOWN),
+        ("252 cannot verify", Verdict.UNKNOWN),
     ],
 )
 def test_rcpt_reply_decides_the_verdict(rcpt_reply: str, verdict: Verdict) -> None:
-    """2xx to RCPT means the recipient exists, 5xx that it does not, 4xx unknown."""
+    """250 or 251 to RCPT means the recipient exists, 5xx that it does not,
+    anything else nothing."""
     session = ProbeSession("me", BOB)
 
     sent = feed(session, "220 hi", "250 mxa", "250 ok", rcpt_reply)
@@ -354,12 +360,14 @@ def test_nobody_reachable_accepts_and_asks_again_next_time(
     assert len(network.tried) == 4
     assert mail_log[0] == (
         "backup check to=<nobody@example.org> result=accept "
-        "(mxb.example.org[127.0.0.3] did not say, accepted unverified)"
+        "(mxb.example.org[127.0.0.3] did not say, accepted unverified): "
+        "451 4.4.1 No answer from next hop: ConnectionRefusedError"
     )
 
 
-def test_greylisting_primary_does_not_refuse() -> None:
-    """A 4xx to RCPT is no answer: the recipient is accepted, not cached."""
+def test_greylisting_primary_does_not_refuse(mail_log: list[str]) -> None:
+    """A 4xx to RCPT is no answer: the recipient is accepted, not cached, and
+    the log line carries the reply that was had."""
     primary = Exchange(rcpt="450 4.2.0 try later")
     prober, _, _ = make_prober({"127.0.0.2": primary}, hops=[PRIMARY])
 
@@ -368,6 +376,9 @@ def test_greylisting_primary_does_not_refuse() -> None:
 
     assert decision.route is Route.BACKUP
     assert primary.connections == 2
+    assert mail_log[0].endswith(
+        "did not say, accepted unverified): 450 4.2.0 try later"
+    )
 
 
 @pytest.mark.parametrize(
