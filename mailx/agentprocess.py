@@ -27,7 +27,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailx.agents import (
@@ -37,11 +36,11 @@ from mailx.agents import (
     maildir_parts,
     os_error,
 )
-from mailx.maillog import maillog
+from mailx.maillog import PrintableLogger, maillog
 from mailx.sendnow import write_pipe_now
 from mailx.spool import Remove, SpoolChange, StoreNew
 
-_log = Logger()
+_log = PrintableLogger()
 
 JobErrors = list[OSError | None]
 

@@ -44,7 +44,6 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
@@ -52,9 +51,9 @@ from mailx.address import AddressError, parse_domain, parse_mailbox
 from mailx.clients import client_key
 from mailx.envelope import ClientInfo
 from mailx.files import read_regular_file
-from mailx.maillog import maillog
+from mailx.maillog import PrintableLogger, maillog
 
-log = Logger()
+log = PrintableLogger()
 
 RunBlocking = Callable[[Callable[[], bool]], Deferred[bool]]
 

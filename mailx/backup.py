@@ -48,7 +48,6 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailx import replies
@@ -56,12 +55,12 @@ from mailx.address import Address
 from mailx.client import ReplyParser
 from mailx.config import Config
 from mailx.envelope import RecipientDecision, Route
-from mailx.maillog import maillog
+from mailx.maillog import PrintableLogger, maillog
 from mailx.mx import MXResolver, NextHop, ResolutionError, make_dns_resolver
 from mailx.outbound import listening_addresses
 from mailx.replies import Reply
 
-log = Logger()
+log = PrintableLogger()
 
 BackupCheck = Callable[[Address], Deferred[RecipientDecision]]
 

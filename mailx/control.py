@@ -22,10 +22,11 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-log = Logger()
+from mailx.maillog import PrintableLogger
+
+log = PrintableLogger()
 
 # A command is a verb and a queue id; anything longer is not a command.
 MAX_COMMAND = 256

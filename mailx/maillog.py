@@ -50,14 +50,16 @@ def printable(text: str) -> str:
 _LEVELS = frozenset(LogLevel.iterconstants())
 
 
-class MailLogger(Logger):
+class PrintableLogger(Logger):
     """
-    The mail log's ``Logger``: its events' text fields are made printable.
+    A ``Logger`` whose events' text fields are made printable: mailx's
+    loggers, for the mail log and for the twistd log.
 
-    The fields carry what clients sent (paths, HELO names, user names): a
-    control character in them is shown as "?", so that an escape sequence
-    never reaches an operator's terminal through the log.  Only the fields
-    the caller gave are looked at, not Twisted's own ``log_`` fields.
+    The fields carry what clients and next hops sent (paths, HELO names,
+    user names, replies): a control character in them is shown as "?", so
+    that an escape sequence never reaches an operator's terminal through a
+    log.  Only the fields the caller gave are looked at, not Twisted's own
+    ``log_`` fields.
 
     ``Logger.emit`` walks every ``LogLevel`` constant on each event to
     validate the level, about a tenth of the mail log's cost under load
@@ -86,7 +88,7 @@ class MailLogger(Logger):
 
 
 router = MailLogRouter()
-maillog = MailLogger(namespace=MAIL_NAMESPACE, observer=router)
+maillog = PrintableLogger(namespace=MAIL_NAMESPACE, observer=router)
 
 
 @implementer(ILogObserver)

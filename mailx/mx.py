@@ -33,14 +33,14 @@ from typing import Any, Protocol, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 
 from mailx import replies
+from mailx.maillog import PrintableLogger
 from mailx.replies import ReplyError
 
-log = Logger()
+log = PrintableLogger()
 
 # RFC 1034 section 3.6.2 allows CNAME chains; stop after this many links.
 MAX_CNAME_CHAIN = 8

@@ -42,7 +42,6 @@ from twisted.internet.ssl import (
     optionsForClientTLS,
     platformTrust,
 )
-from twisted.logger import Logger
 
 from mailx import replies
 from mailx.address import Address
@@ -58,7 +57,7 @@ from mailx.client import (
 )
 from mailx.config import Config
 from mailx.envelope import Envelope
-from mailx.maillog import maillog
+from mailx.maillog import PrintableLogger, maillog
 from mailx.mx import (
     HostHealth,
     MXResolver,
@@ -69,7 +68,7 @@ from mailx.mx import (
 from mailx.replies import Reply
 from mailx.spool import RecipientResult
 
-log = Logger()
+log = PrintableLogger()
 
 # RFC 5321 section 4.5.4.2: the SMTP port.
 SMTP_PORT = 25

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
 
 from mailx import maildir, replies
 from mailx.address import Address
@@ -32,11 +31,11 @@ from mailx.config import is_safe_local_part
 from mailx.dsn import encode_xtext
 from mailx.envelope import Envelope, Recipient, Route
 from mailx.local import Mailbox as LocalMailbox
-from mailx.maillog import maillog
+from mailx.maillog import PrintableLogger, maillog
 from mailx.replies import Reply
 from mailx.spool import DeliveryAgent, RecipientResult
 
-log = Logger()
+log = PrintableLogger()
 
 DELIVERED = Reply(250, "2.0.0", "Delivered to Maildir")
 # Recipients whose copies go into Maildirs here.

@@ -61,7 +61,6 @@ from twisted.internet.interfaces import (
     IReactorUNIX,
 )
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -71,7 +70,7 @@ from mailx.batching import GroupJob, IORunner
 from mailx.dsn import Action, RecipientReport, Report, build_report
 from mailx.envelope import Body, Envelope, Route
 from mailx.ids import new_message_id
-from mailx.maillog import maillog
+from mailx.maillog import PrintableLogger, maillog
 from mailx.queue import (
     MessageKind,
     QueuedMessage,
@@ -85,7 +84,7 @@ from mailx.replies import Reply, ReplyError
 _T = TypeVar("_T")
 
 # The mail log: one line per business event, parsed by operators' tools.
-log = Logger()
+log = PrintableLogger()
 
 # Queue ids name files: letters and digits only, so no id can leave its
 # directory.  64 is ample for mailx's own ids and any the server assigns.

@@ -37,7 +37,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailx import replies
@@ -51,9 +50,10 @@ from mailx.client import (
     nothing_taken,
 )
 from mailx.envelope import Envelope, Route
+from mailx.maillog import PrintableLogger
 from mailx.replies import Reply, ReplyError
 
-log = Logger()
+log = PrintableLogger()
 
 # Idle connections a worker keeps to the main process's handoff listener,
 # which closes them after its idle timeout.

@@ -17,7 +17,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-from mailx.maillog import MailLogFile, MailLogger, MailLogRouter
+from mailx.maillog import MailLogFile, MailLogRouter, PrintableLogger
 
 
 def event(template: str, **fields: object) -> LogEvent:
@@ -62,7 +62,9 @@ def test_mail_logger_events_are_twisted_logger_events() -> None:
     """The mail log's Logger emits what Twisted's would, for every level."""
     ours: list[LogEvent] = []
     theirs: list[LogEvent] = []
-    mail = MailLogger(namespace="mailx.mail", observer=cast(ILogObserver, ours.append))
+    mail = PrintableLogger(
+        namespace="mailx.mail", observer=cast(ILogObserver, ours.append)
+    )
     plain = Logger(namespace="mailx.mail", observer=cast(ILogObserver, theirs.append))
     for level in LogLevel.iterconstants():
         mail.emit(level, "queued {message_id}", message_id="ID")
@@ -80,7 +82,9 @@ def test_mail_logger_events_are_twisted_logger_events() -> None:
 def test_mail_logger_reports_a_level_that_is_not_one() -> None:
     """A bad level is reported as Twisted's Logger reports it, not emitted."""
     seen: list[LogEvent] = []
-    mail = MailLogger(namespace="mailx.mail", observer=cast(ILogObserver, seen.append))
+    mail = PrintableLogger(
+        namespace="mailx.mail", observer=cast(ILogObserver, seen.append)
+    )
     mail.emit("loud", "queued {message_id}", message_id="ID")  # type: ignore[arg-type]
     assert len(seen) == 1
     assert seen[0]["log_level"] is LogLevel.critical
@@ -128,7 +132,7 @@ def test_control_characters_from_clients_do_not_reach_the_log() -> None:
     out = io.StringIO()
     router = MailLogRouter()
     router.destination = MailLogFile(out)
-    MailLogger(namespace="mailx.mail", observer=router).info(
+    PrintableLogger(namespace="mailx.mail", observer=router).info(
         "reject: MAIL from [{client_address}]: 553; from=<{sender}>",
         client_address="192.0.2.1",
         sender="\x1b[2Jx\x00@example.com",
@@ -136,3 +140,26 @@ def test_control_characters_from_clients_do_not_reach_the_log() -> None:
     line = out.getvalue()
     assert "\x1b" not in line and "\x00" not in line
     assert line.endswith("from=<?[2Jx?@example.com>\n")
+
+
+def test_module_loggers_keep_control_characters_out_of_the_twistd_log() -> None:
+    """A next hop's reply with an escape sequence, logged by a mailx module to
+    the twistd log, arrives there printable."""
+    from mailx import outbound
+
+    seen: list[LogEvent] = []
+    observer = cast(ILogObserver, seen.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        outbound.log.info(
+            "kept connection to {host} took nothing ({reply})",
+            host="mx.test",
+            reply="421 4.3.2 \x1b]0;pwned\x07\x1b[31m bye",
+        )
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    (event,) = seen
+    assert event["log_namespace"] == "mailx.outbound"
+    assert formatEvent(event) == (
+        "kept connection to mx.test took nothing (421 4.3.2 ?]0;pwned??[31m bye)"
+    )
