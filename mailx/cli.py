@@ -106,8 +106,21 @@ def format_show(message: QueuedMessage, headers: bytes) -> list[str]:
         if recipient.reply is not None:
             relay = recipient.next_hop or "none"
             lines.append(f"  last reply from {relay}: {recipient.reply}")
-    lines += ["", headers.decode("utf-8", "replace").rstrip("\r\n")]
+    text = headers.decode("utf-8", "replace").rstrip("\r\n")
+    lines += ["", text.replace("\r\n", "\n")]
     return [line.rstrip("\r") for line in lines]
+
+
+def terminal_safe(text: str) -> str:
+    """
+    ``text`` with every control character but line breaks and tabs shown as
+    "?": what clients and next hops sent (HELO names, paths, replies,
+    header fields) must not reach an operator's terminal as an escape
+    sequence, as in the logs (mailx.maillog).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
 
 
 class QueueTool:
@@ -120,7 +133,7 @@ class QueueTool:
 
     def _print(self, lines: list[str]) -> None:
         for line in lines:
-            print(line, file=self.out)
+            print(terminal_safe(line), file=self.out)
 
     def _load(self, message_id: str) -> QueuedMessage:
         if not QUEUE_ID.fullmatch(message_id):

@@ -151,6 +151,37 @@ def test_show_prints_envelope_and_headers_only(tmp_path: Path) -> None:
     assert "The body is not shown." not in output
 
 
+def test_what_clients_sent_reaches_the_terminal_printable(tmp_path: Path) -> None:
+    """An escape sequence or a bidi override in a HELO name, a path, a reply
+    or a header field is shown as "?" by ``queue list`` and ``queue show``;
+    line breaks and the tab of a folded header field stay."""
+    config = write_config(tmp_path)
+    spool = Spool(
+        str(tmp_path / "queue"),
+        Clock(),
+        RecordingAgent(),
+        "mx.example.net",
+        run_io=synchronous_io,
+    )
+    sent = Envelope(
+        reverse_path=Address("\u202egnp.exe\x85x", "example.org"),
+        recipients=[Recipient(Address("bob", "example.com"), Route.RELAY)],
+        client=ClientInfo("192.0.2.1", 2525, helo="evil\x1b]0;pwned\x07.test"),
+    )
+    content = b"Subject: a\x1b[5mblink\r\n\tfolded\r\n\r\nbody\r\n"
+    queued: list[str] = []
+    spool.enqueue(sent, content).addCallback(queued.append)
+
+    _, listing = run("queue", "list", "--config", config)
+    _, shown = run("queue", "show", queued[0], "--config", config)
+
+    for output in (listing, shown):
+        assert all(c.isprintable() or c in "\n\t" for c in output), output
+    assert "<?gnp.exe?x@example.org>" in listing
+    assert "helo=evil?]0;pwned?.test" in shown
+    assert "Subject: a?[5mblink\n\tfolded" in shown
+
+
 def test_unknown_id_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
