@@ -87,7 +87,12 @@ def write_config(directory: Path) -> str:
     return str(config)
 
 
-def queue_message(directory: Path, *local_parts: str) -> str:
+def queue_message(
+    directory: Path,
+    *local_parts: str,
+    sent: Envelope | None = None,
+    content: bytes = CONTENT,
+) -> str:
     """Put a message into the spool at ``directory`` without delivering it."""
     spool = Spool(
         str(directory / "queue"),
@@ -97,7 +102,7 @@ def queue_message(directory: Path, *local_parts: str) -> str:
         run_io=synchronous_io,
     )
     queued: list[str] = []
-    spool.enqueue(envelope(*local_parts), CONTENT).addCallback(queued.append)
+    spool.enqueue(sent or envelope(*local_parts), content).addCallback(queued.append)
     return queued[0]
 
 
@@ -156,24 +161,16 @@ def test_what_clients_sent_reaches_the_terminal_printable(tmp_path: Path) -> Non
     or a header field is shown as "?" by ``queue list`` and ``queue show``;
     line breaks and the tab of a folded header field stay."""
     config = write_config(tmp_path)
-    spool = Spool(
-        str(tmp_path / "queue"),
-        Clock(),
-        RecordingAgent(),
-        "mx.example.net",
-        run_io=synchronous_io,
-    )
     sent = Envelope(
         reverse_path=Address("\u202egnp.exe\x85x", "example.org"),
         recipients=[Recipient(Address("bob", "example.com"), Route.RELAY)],
         client=ClientInfo("192.0.2.1", 2525, helo="evil\x1b]0;pwned\x07.test"),
     )
     content = b"Subject: a\x1b[5mblink\r\n\tfolded\r\n\r\nbody\r\n"
-    queued: list[str] = []
-    spool.enqueue(sent, content).addCallback(queued.append)
+    message_id = queue_message(tmp_path, sent=sent, content=content)
 
     _, listing = run("queue", "list", "--config", config)
-    _, shown = run("queue", "show", queued[0], "--config", config)
+    _, shown = run("queue", "show", message_id, "--config", config)
 
     for output in (listing, shown):
         assert all(c.isprintable() or c in "\n\t" for c in output), output
