@@ -423,7 +423,10 @@ class Session:
         self.client.helo = name
         self.client.esmtp = esmtp
         self.state = State.READY
-        greeting = f"{self.config.hostname} greets {name}"
+        # RFC 5321 section 4.2: a reply's text is printable ASCII (and HT);
+        # the name is echoed so, whatever octets the client sent.
+        shown = "".join(c if " " <= c <= "~" else "?" for c in name)
+        greeting = f"{self.config.hostname} greets {shown}"
         if not esmtp:
             self._reply(replies.Reply(250, "", greeting))
             return

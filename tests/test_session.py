@@ -738,6 +738,18 @@ def test_a_helo_name_with_control_characters_is_made_printable() -> None:
     assert b"\x1b" not in content
 
 
+@pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
+def test_the_helo_name_is_echoed_as_printable_ascii(verb: bytes) -> None:
+    """RFC 5321 section 4.2: reply text is printable ASCII; a NUL, an escape
+    or a non-ASCII letter in the name is echoed as "?"."""
+    session, output, _, _ = make_session()
+    feed(session, verb + " x\x00y\x1b[2Jé.test\r\n".encode())
+    first = b"".join(output.writes).split(b"\r\n")[1]
+    assert first == b"250" + (b"-" if verb == b"EHLO" else b" ") + (
+        b"mx.example.org greets x?y?[2J?.test"
+    )
+
+
 @pytest.mark.parametrize(
     ("transfer", "command"),
     [
