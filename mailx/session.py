@@ -565,6 +565,13 @@ class Session:
             return
         forward_path = parsed.address
         assert forward_path is not None
+        if _named_already(envelope, forward_path):
+            # The same recipient again (the domain in other case, or with a
+            # trailing dot): accepted, and given one copy, as Postfix and
+            # sendmail do; RFC 5321 neither asks for nor forbids two.
+            self.state = State.RCPT
+            self._reply(replies.RECIPIENT_OK)
+            return
         # RFC 5321 section 4.5.3.1.8: at least 100 recipients; 452 beyond.
         if len(envelope.recipients) >= self.config.max_recipients:
             self._log_reject(
@@ -1008,6 +1015,17 @@ def _written_path(argument: str, keyword: str) -> str:
     """
     path = (_argument_after(argument, keyword) or "").split(" ", 1)[0]
     return path.removeprefix("<").removesuffix(">")
+
+
+def _named_already(envelope: Envelope, forward_path: Address) -> bool:
+    """Is ``forward_path`` one of the envelope's recipients already?  Local
+    parts compare as written (RFC 5321 section 2.4), domains without case or
+    a trailing dot."""
+    key = (forward_path.local_part, forward_path.domain_key.removesuffix("."))
+    return any(
+        (r.address.local_part, r.address.domain_key.removesuffix(".")) == key
+        for r in envelope.recipients
+    )
 
 
 def _argument_after(argument: str, keyword: str) -> str | None:

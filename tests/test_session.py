@@ -369,7 +369,8 @@ def test_recipient_limit() -> None:
     """Recipients beyond the limit get 452 4.5.3; the others stay."""
     session, output, sink, _ = make_session(max_recipients=2)
     feed(session, b"EHLO c\r\nMAIL FROM:<s@example.net>\r\n")
-    feed(session, b"RCPT TO:<alice@example.org>\r\n" * 3)
+    names = (b"alice", b"bob", b"postmaster")
+    feed(session, b"".join(b"RCPT TO:<%s@example.org>\r\n" % n for n in names))
     assert output.codes()[-3:] == [250, 250, 452]
     assert output.replies()[-1].startswith("452 4.5.3 ")
     feed(session, b"DATA\r\nx\r\n.\r\n")
@@ -736,6 +737,26 @@ def test_a_helo_name_with_control_characters_is_made_printable() -> None:
     received = content.split(b"\r\n", 1)[0]
     assert received.startswith(b"Received: from a?[31mred ")
     assert b"\x1b" not in content
+
+
+def test_a_recipient_named_twice_gets_one_copy() -> None:
+    """RCPT for a recipient already accepted (the domain in other case, a
+    trailing dot) is answered 250 and adds nothing; a local part written
+    otherwise is another recipient (RFC 5321 section 2.4)."""
+    session, output, sink, _ = make_session()
+    feed(
+        session,
+        b"EHLO c.example\r\nMAIL FROM:<s@example.net>\r\n"
+        b"RCPT TO:<alice@example.org>\r\nRCPT TO:<alice@EXAMPLE.ORG.>\r\n"
+        b"RCPT TO:<alice@Example.Org>\r\nRCPT TO:<Alice@example.org>\r\n"
+        b"DATA\r\n" + MESSAGE,
+    )
+    assert output.replies()[3:7] == ["250 2.1.5 Recipient OK"] * 4
+    (envelope, _) = sink.messages[0]
+    assert [str(r.address) for r in envelope.recipients] == [
+        "alice@example.org",
+        "Alice@example.org",
+    ]
 
 
 @pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
