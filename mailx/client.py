@@ -251,11 +251,13 @@ class DotStuffer:
     are never sent).  Works across block boundaries.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, crlf_only: bool = False) -> None:
         self._at_line_start = True
         # A CR at the end of a block, held until the next shows whether an LF
         # follows it.
         self._held = b""
+        # The content has CRLF line endings only already: no need to look.
+        self._crlf_only = crlf_only
 
     def encode(self, block: bytes) -> bytes:
         data, self._held = self._held + block, b""
@@ -263,7 +265,8 @@ class DotStuffer:
             data, self._held = data[:-1], b"\r"
         if not data:
             return b""
-        data = normalise_line_endings(data)
+        if not self._crlf_only:
+            data = normalise_line_endings(data)
         if self._at_line_start and data.startswith(b"."):
             data = b"." + data
         data = data.replace(b"\r\n.", b"\r\n..")
@@ -290,9 +293,11 @@ def normalise_line_endings(content: bytes) -> bytes:
     return _LINE_ENDING.sub(b"\r\n", content)
 
 
-def dot_stuffed_blocks(content: bytes, size: int = BLOCK_SIZE) -> Iterator[bytes]:
+def dot_stuffed_blocks(
+    content: bytes, size: int = BLOCK_SIZE, crlf_only: bool = False
+) -> Iterator[bytes]:
     """The content as DATA sends it, in blocks, end-of-data included."""
-    stuffer = DotStuffer()
+    stuffer = DotStuffer(crlf_only)
     for start in range(0, len(content), size):
         block = stuffer.encode(content[start : start + size])
         if block:
@@ -781,7 +786,9 @@ class ClientSession:
             self._settle_accepted(reply)
             return self._quit()
         self.phase = Phase.CONTENT
-        blocks = dot_stuffed_blocks(self._content, self._block_size)
+        # _check_capabilities made every line ending CRLF (BINARYMIME, which
+        # keeps them as they are, goes by BDAT).
+        blocks = dot_stuffed_blocks(self._content, self._block_size, crlf_only=True)
         return [StreamContent(blocks, self._one_block())]
 
     def _one_block(self) -> bool:

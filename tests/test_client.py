@@ -256,6 +256,16 @@ class TestSession:
         outcome = outcome_of(session.data_received(b"221 bye\r\n"))
         assert outcome.replies == {0: Reply(550, "5.1.1", "no")}
 
+    def test_content_with_bare_line_endings_goes_out_with_crlf(self) -> None:
+        """A stored message with bare CR or LF (a local submission, BDAT
+        BINARYMIME kept it) is sent with CRLF line endings after DATA, and
+        its dots stuffed (RFC 5321 sections 2.3.8 and 4.5.2)."""
+        content = b"Subject: t\n\n.body\rx\n"
+        session = ClientSession("me.test", transaction("a@d.test", content=content))
+        to_envelope(session)
+        blocks = streamed(session.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n"))
+        assert blocks == b"Subject: t\r\n\r\n..body\r\nx\r\n.\r\n"
+
     def test_mail_refused_is_host_level(self) -> None:
         """A refused MAIL is the host-level failure, RCPT replies ignored."""
         session = ClientSession("me.test", transaction("a@d.test"))
