@@ -73,6 +73,9 @@ BLOCK_SIZE = 64 * 1024
 DIRECT_LIMIT = 128 * 1024
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+# RFC 5321 section 4.2: a reply line is a code, then a space or a hyphen
+# and text, or the code alone.
+_REPLY_LINE = re.compile(r"[2-5][0-9][0-9]([ -].*)?", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
@@ -214,7 +217,7 @@ class ReplyParser:
                 return
             raw, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
             line = raw.rstrip(b"\r").decode("utf-8", "replace")
-            if not re.fullmatch(r"[2-5][0-9][0-9]([ -].*)?", line, re.DOTALL):
+            if not _REPLY_LINE.fullmatch(line):
                 raise ValueError(f"malformed reply line {line[:40]!r}")
             self._lines.append(line)
             if len(self._lines) > MAX_REPLY_LINES:
@@ -1050,7 +1053,11 @@ class SMTPClientProtocol(Protocol):
         return self._timeouts.command
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
+        if self._timer is not None and self._timer.active():
+            # Moved, not replaced: a reset costs less than a cancel and a
+            # new call (issue 7).
+            self._timer.reset(seconds)
+            return
         self._timer = self._clock.callLater(seconds, self._timed_out)
 
     def _disarm(self) -> None:
