@@ -1128,9 +1128,18 @@ class Spool(Service):
 
     def _store_new(self, message: QueuedMessage, content: bytes) -> Deferred[str]:
         message_id = message.message_id
-        committed = self._after_recovery().addCallback(
-            lambda _: self._changes.submit(StoreNew(message, content))
-        )
+        change = StoreNew(message, content)
+        if self._recovering is None:
+            # At once, with no Deferred to wait on (issue 7); what it raises
+            # fails the message as a failed batch would.
+            try:
+                committed = self._changes.submit(change)
+            except Exception:
+                committed = fail()
+        else:
+            committed = self._after_recovery().addCallback(
+                lambda _: self._changes.submit(change)
+            )
 
         def accepted(_: None) -> str:
             sender = message.reverse_path or ""

@@ -284,6 +284,28 @@ def test_messages_arriving_together_share_one_commit(
     assert committed == [1, 3]
 
 
+class RaisingChanges:
+    """A spool's changes that refuse at once, before any Deferred."""
+
+    def submit(self, change: object) -> Deferred[bool | None]:
+        raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+
+    def drained(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def test_enqueue_fails_with_451_when_the_change_cannot_be_made(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """A change refused as it is submitted fails enqueue with 451 4.3.0, as a
+    failed batch does; it does not escape to the session."""
+    spool = make_spool(tmp_path, clock, ScriptedAgent(clock), changes=RaisingChanges())
+    with pytest.raises(ReplyError) as caught:
+        result_of(spool.enqueue(envelope("bob"), CONTENT))
+    assert caught.value.reply == replies.STORAGE_FAILED
+    assert queued_ids(tmp_path) == []
+
+
 def test_enqueue_fails_with_451_when_storage_fails(
     tmp_path: Path, clock: Clock
 ) -> None:
