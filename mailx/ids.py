@@ -20,12 +20,20 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+# Every two-digit number, so that an id takes half as many divisions.
+_PAIRS = [high + low for high in _ALPHABET for low in _ALPHABET]
+
+
 def _encode(number: int, width: int) -> str:
-    digits = []
-    for _ in range(width):
+    """``number`` in ``width`` digits of ``_ALPHABET``, most significant first."""
+    chunks = []
+    if width % 2:
         number, digit = divmod(number, len(_ALPHABET))
-        digits.append(_ALPHABET[digit])
-    return "".join(reversed(digits))
+        chunks.append(_ALPHABET[digit])
+    for _ in range(width // 2):
+        number, pair = divmod(number, len(_PAIRS))
+        chunks.append(_PAIRS[pair])
+    return "".join(reversed(chunks))
 
 
 def new_message_id(now: float | None = None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from mailx.ids import _ALPHABET, new_message_id
+from mailx.ids import _ALPHABET, _encode, new_message_id
 
 
 def decoded(digits: str) -> int:
@@ -41,3 +41,15 @@ def test_a_forked_process_puts_its_own_pid_in_its_ids() -> None:
     os.waitpid(child, 0)
     assert pid_of(child_id) == child
     assert pid_of(new_message_id()) == os.getpid()
+
+
+def test_digits_are_the_number_in_base_30() -> None:
+    """Each width writes the number's base-30 digits, most significant first,
+    padded with the alphabet's zero."""
+    for width in (1, 2, 9, 11):
+        numbers = (0, 1, 29, 30, 899, 900, 30**width - 1, 12345678)
+        for number in (n for n in numbers if n < 30**width):
+            digits = _encode(number, width)
+            assert len(digits) == width
+            assert decoded(digits) == number
+    assert _encode(31, 3) == "011"
