@@ -1322,7 +1322,11 @@ class Spool(Service):
             self._deliver_group(message, domain, recipients, content)
             for domain, recipients in groups.items()
         ]
-        outcomes = await gatherResults(attempts)
+        if len(attempts) == 1:
+            # One domain (the usual case): no DeferredList (issue 7).
+            outcomes = [await attempts[0]]
+        else:
+            outcomes = await gatherResults(attempts)
         finished = self._now()
         message.attempts += 1
         message.last_attempt = finished
