@@ -408,6 +408,14 @@ class ClientSession:
         self.phase = Phase.GREETING
         self.outcome = SessionOutcome()
         self.last_reply: Reply | None = None
+        # Replies the next hop owes for what was written (the greeting to
+        # begin with), and for commands handed out but not yet written: the
+        # adapter writes them before it reads again.  A reply beyond these
+        # came before its command did (RFC 5321 section 4.2).
+        self._owed = 1
+        self._owed_once_written = 0
+        # The end of data was answered: this transaction's outcome stands.
+        self._settled = False
 
     @property
     def extensions(self) -> dict[str, str]:
@@ -422,16 +430,44 @@ class ClientSession:
         """Octets from the next hop in; the actions they call for out."""
         if self.phase is Phase.DONE:
             return []
+        self._owed += self._owed_once_written
+        self._owed_once_written = 0
         actions: list[Action] = []
         try:
             for reply in self._parser.feed(data):
                 self.last_reply = reply
-                actions.extend(self._handle(reply))
+                self._take_owed(reply)
+                actions.extend(self._count(self._handle(reply)))
                 if self.finished or any(isinstance(a, StartTLS) for a in actions):
                     break
         except ValueError as reason:
             failure = replies.NEXT_HOP_PROTOCOL_ERROR
+            if not self._settled:
+                # Out of step, the next hop may have said anything of this
+                # transaction in the wrong place (a refusal that answered
+                # another command): none of it counts, all is tried again.
+                self.outcome.replies.clear()
             return actions + self._fail(failure.with_text(f"{failure.text}: {reason}"))
+        return actions
+
+    def content_sent(self) -> None:
+        """The adapter wrote the whole content: its end is now owed a reply."""
+        self._owed += 1
+
+    def _take_owed(self, reply: Reply) -> None:
+        if self._owed > 0:
+            self._owed -= 1
+        elif reply.code != 421:
+            # RFC 5321 section 3.8 lets a 421 come at any time; any other
+            # reply answers nothing written: the early "250" of a next hop
+            # that has not read the message, or one reply too many.
+            raise ValueError(f"a reply to nothing sent yet: {reply}")
+
+    def _count(self, actions: list[Action]) -> list[Action]:
+        """``actions``, their commands counted as owed a reply each."""
+        for action in actions:
+            if isinstance(action, Send):
+                self._owed_once_written += action.data.count(b"\r\n")
         return actions
 
     def connection_lost(self) -> SessionOutcome:
@@ -470,7 +506,7 @@ class ClientSession:
         self.outcome.tls = True
         self._extensions = {}
         self.phase = Phase.TLS_EHLO
-        return [self._command(f"EHLO {self._hostname}")]
+        return self._count([self._command(f"EHLO {self._hostname}")])
 
     def next_transaction(self, transaction: Transaction) -> list[Action]:
         """Start another transaction on an idle connection."""
@@ -485,26 +521,34 @@ class ClientSession:
         self._abandoned = False
         self.outcome = SessionOutcome(tls=self.outcome.tls)
         self.last_reply = None
-        return self._start_transaction()
+        self._settled = False
+        return self._count(self._start_transaction())
 
     def close(self) -> list[Action]:
         """End an idle connection politely."""
         if self.phase is not Phase.IDLE:
             return []
-        return self._quit()
+        return self._count(self._quit())
 
     def _command(self, line: str) -> Send:
         return Send(line.encode("utf-8") + b"\r\n")
 
     def _fail(self, reply: Reply) -> list[Action]:
+        """End the session: QUIT (RFC 5321 section 4.1.1.10), unless the
+        next hop is closing (421), and close without waiting."""
         if reply.code < 400:
             # A reply that says success cannot be why nothing was delivered:
             # taken as the outcome, it would count as delivery.
             failure = replies.NEXT_HOP_PROTOCOL_ERROR
             reply = failure.with_text(f"{failure.text}: unexpected reply {reply}")
-        self.outcome.failure = reply
+        was_idle = self.phase is Phase.IDLE
         self.phase = Phase.DONE
-        return [Finish(self.outcome)]
+        if not was_idle:
+            # Once a transaction ended idle, its outcome is given already.
+            self.outcome.failure = reply
+        if reply.code == 421:
+            return [Finish(self.outcome)]
+        return self._count([self._command("QUIT"), Finish(self.outcome)])
 
     def _quit(self) -> list[Action]:
         # RFC 5321 section 4.1.1.10: send QUIT and wait for its reply before
@@ -517,7 +561,8 @@ class ClientSession:
         return [Finish(self.outcome)]
 
     def _handle(self, reply: Reply) -> list[Action]:
-        # RFC 5321 section 3.8: a 421 may come at any time; the host is closing.
+        # RFC 5321 section 3.8: a 421 may come at any time; the host is
+        # closing (an idle connection too, which then is not kept).
         if reply.code == 421 and self.phase is not Phase.QUIT:
             return self._fail(reply)
         handler = _REPLY_HANDLERS.get(self.phase)
@@ -813,6 +858,7 @@ class ClientSession:
         # recipient whose RCPT was accepted.
         for index in self._accepted:
             self.outcome.replies[index] = reply
+        self._settled = True
 
 
 # RFC 5321 section 4.3.2 (RFC 3207 for STARTTLS, RFC 4954 for AUTH, RFC
@@ -985,6 +1031,7 @@ class SMTPClientProtocol(Protocol):
 
     def content_written(self) -> None:
         """The producer's hook: all blocks went out; wait for the final reply."""
+        self.session.content_sent()
         self._producer = None
         self.transport.unregisterProducer()  # type: ignore[union-attr]
         self._arm(self._timeouts.data_end)
@@ -1003,17 +1050,18 @@ class SMTPClientProtocol(Protocol):
                 # A message that small costs less in one write than through
                 # the producer's round trips (benchmarks/README.md).
                 write_now(self.transport, b"".join(action.blocks))
+                self.session.content_sent()
             elif isinstance(action, StreamContent):
                 self._producer = _ContentProducer(self, action.blocks)
                 self.transport.registerProducer(  # type: ignore[union-attr]
                     self._producer, False
                 )
             elif isinstance(action, Finish) and action.keep_open:
-                # The connection waits for ``start_next`` or ``close``.
+                # The connection waits for ``start_next`` or ``close``, unless
+                # a Finish follows (the next hop closes it at once).
                 self._disarm()
                 if not self.done.called:
                     self.done.callback(action.outcome)
-                return
             elif isinstance(action, Finish):
                 # ``done`` fires once the connection is closed.
                 self._disarm()
@@ -1022,6 +1070,8 @@ class SMTPClientProtocol(Protocol):
         waiting = self.session.phase not in (Phase.DONE, Phase.IDLE)
         if waiting and self._producer is None:
             self._arm(self._phase_timeout())
+        elif self.session.phase is Phase.IDLE:
+            self._disarm()
 
     @property
     def idle(self) -> bool:

@@ -20,6 +20,20 @@ ENVELOPE_OK = b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n"
 QUEUED = b"250 2.0.0 queued\r\n"
 
 
+def _replies(data: bytes) -> list[bytes]:
+    """``data`` cut after each complete reply (a line "NNN " or "NNN")."""
+    pieces = []
+    start = end = 0
+    for line in data.splitlines(keepends=True):
+        end += len(line)
+        if len(line.rstrip(b"\r\n")) == 3 or line[3:4] == b" ":
+            pieces.append(data[start:end])
+            start = end
+    if start < len(data):
+        pieces.append(data[start:])
+    return pieces if pieces else [data]
+
+
 class Connection:
     """One fake connection a client opened: its protocol and transport."""
 
@@ -31,10 +45,16 @@ class Connection:
         protocol.makeConnection(self.transport)
 
     def reply(self, data: bytes) -> None:
-        """Octets from the next hop; the content is drained on 354."""
-        self.protocol.dataReceived(data)
-        while self.transport.producer is not None:
-            self.transport.producer.resumeProducing()
+        """
+        Replies from the next hop, each read on its own (a script may give
+        replies to commands the client has yet to send: a next hop cannot
+        send those before the client's commands, so neither is read before
+        them); the content is drained on 354.
+        """
+        for one in _replies(data):
+            self.protocol.dataReceived(one)
+            while self.transport.producer is not None:
+                self.transport.producer.resumeProducing()
 
     def sent(self) -> bytes:
         data: bytes = self.transport.value()

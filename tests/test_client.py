@@ -57,9 +57,14 @@ def outcome_of(actions: list[Any]) -> SessionOutcome:
     return finish.outcome
 
 
-def streamed(actions: list[Any]) -> bytes:
+def streamed(actions: list[Any], session: ClientSession | None = None) -> bytes:
+    """The content a StreamContent action sends; told to ``session`` as
+    written, as the adapter tells it once the content is out."""
     (stream,) = [a for a in actions if isinstance(a, StreamContent)]
-    return b"".join(stream.blocks)
+    content = b"".join(stream.blocks)
+    if session is not None:
+        session.content_sent()
+    return content
 
 
 def to_envelope(session: ClientSession, ehlo: bytes = EHLO_PIPELINING) -> list[Any]:
@@ -176,7 +181,9 @@ class TestSession:
             b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 unknown\r\n"
         )
         assert actions == []
-        assert streamed(session.data_received(b"354 go\r\n")) == CONTENT + b".\r\n"
+        assert streamed(session.data_received(b"354 go\r\n"), session) == (
+            CONTENT + b".\r\n"
+        )
         assert sent(session.data_received(b"250 2.0.0 queued as X\r\n")) == b"QUIT\r\n"
         outcome = outcome_of(session.data_received(b"221 bye\r\n"))
         assert outcome.replies == {
@@ -192,7 +199,10 @@ class TestSession:
         starts at MAIL with its own outcome, and close sends QUIT."""
         session = ClientSession("me.test", transaction("a@d.test"), reuse=True)
         to_envelope(session)
-        streamed(session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n"))
+        streamed(
+            session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n"),
+            session,
+        )
         actions = session.data_received(b"250 2.0.0 queued\r\n")
         assert sent(actions) == b""
         (finish,) = actions
@@ -217,7 +227,10 @@ class TestSession:
         with pytest.raises(ValueError):
             session.next_transaction(transaction("b@d.test"))
         to_envelope(session)
-        streamed(session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n"))
+        streamed(
+            session.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n"),
+            session,
+        )
         session.data_received(b"250 2.0.0 queued\r\n")
 
         assert sent(session.close()) == b"QUIT\r\n"
@@ -334,7 +347,7 @@ class TestSession:
         session = ClientSession("me.test", transaction("a@d.test"), TLSMode.VERIFY)
         session.data_received(b"220 hi\r\n")
         actions = session.data_received(b"250 peer\r\n")
-        assert sent(actions) == b""
+        assert sent(actions) == b"QUIT\r\n"
         assert outcome_of(actions).failure is not None
         assert outcome_of(actions).failure.enhanced == "4.7.5"  # type: ignore[union-attr]
 
@@ -374,10 +387,15 @@ class TestSession:
         assert session.data_received(b"250 ok\r\n") == [Send(b"RCPT TO:<a@d.test>\r\n")]
 
     @pytest.mark.parametrize(
-        ("replies", "awaited"),
+        ("replies", "reason"),
         [
-            # A second greeting line, taken for the EHLO reply.
-            ([b"220 peer ready\r\n220 welcome, second banner\r\n"], "EHLO"),
+            # A second greeting line in the same read: before EHLO was sent.
+            (
+                [b"220 peer ready\r\n220 welcome, second banner\r\n"],
+                "a reply to nothing sent yet",
+            ),
+            # A second greeting line read after EHLO went out.
+            ([b"220 peer ready\r\n", b"220 welcome, second banner\r\n"], "EHLO"),
             ([b"250 hello\r\n"], "GREETING"),
             ([b"220 hi\r\n", b"354 go\r\n"], "EHLO"),
             (
@@ -403,7 +421,7 @@ class TestSession:
         ],
     )
     def test_a_success_code_out_of_step_delivers_nothing(
-        self, replies: list[bytes], awaited: str
+        self, replies: list[bytes], reason: str
     ) -> None:
         """RFC 5321 section 4.3.2: a success code that is not one of the
         command's own (a 250 to DATA, a 354 to the end of data, a second
@@ -414,11 +432,30 @@ class TestSession:
         for reply in replies:
             assert not session.finished
             actions = session.data_received(reply)
+            if any(isinstance(a, StreamContent) for a in actions):
+                session.content_sent()
         outcome = outcome_of(actions)
         assert outcome.failure is not None
         assert (outcome.failure.code, outcome.failure.enhanced) == (451, "4.5.0")
-        assert f"in reply to {awaited}" in outcome.failure.text
+        assert reason in outcome.failure.text
         assert not any(r.code < 400 for r in outcome.replies.values())
+
+    @pytest.mark.parametrize("pipelining", [True, False])
+    def test_a_stray_refusal_is_no_recipient_s_answer(self, pipelining: bool) -> None:
+        """A 550 after MAIL's 250, answering nothing: neither it nor anything
+        after it is taken as a recipient's reply; all is tried again (no
+        bounce for a recipient the next hop never refused)."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        ehlo = EHLO_PIPELINING if pipelining else b"250 peer\r\n"
+        to_envelope(session, ehlo)
+        actions = session.data_received(b"250 2.1.0 ok\r\n550 5.1.1 stray\r\n")
+        if pipelining:
+            actions = session.data_received(b"250 2.1.5 ok\r\n354 go\r\n")
+        outcome = outcome_of(actions)
+        assert outcome.replies == {}
+        assert outcome.failure is not None
+        assert (outcome.failure.code, outcome.failure.enhanced) == (451, "4.5.0")
+        assert sent(actions).endswith(b"QUIT\r\n")
 
     def test_a_reply_whose_lines_disagree_delivers_nothing(self) -> None:
         """RFC 5321 section 4.2.1: every line of a reply has the same code;
@@ -594,6 +631,54 @@ class TestProtocol:
         clock.advance(1)
         assert transport.aborted
 
+    @pytest.mark.parametrize("block_size", [1 << 16, 7])
+    def test_an_early_reply_to_the_message_is_no_delivery(
+        self, block_size: int
+    ) -> None:
+        """A 250 that comes with the 354, or while the content is still going
+        out, answers a message the next hop has not read: the session ends
+        451 4.5.0 with QUIT, nothing delivered (RFC 5321 section 4.1.1.4)."""
+        content = b"Subject: t\r\n\r\n" + b"line\r\n" * 5
+        session = ClientSession(
+            "me", transaction("a@d", content=content), block_size=block_size
+        )
+        protocol, transport, _ = connect(session)
+        got = results(protocol)
+        protocol.dataReceived(b"220 hi\r\n")
+        protocol.dataReceived(EHLO_PIPELINING)
+        if block_size < len(content):
+            # Sent block by block: the 250 comes after the first one.
+            protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+            assert transport.producer is not None
+            transport.producer.resumeProducing()
+            protocol.dataReceived(b"250 2.0.0 ok early\r\n")
+        else:
+            protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 early\r\n")
+        assert transport.value().endswith(b"QUIT\r\n")
+        assert transport.disconnecting
+        protocol.connectionLost()
+        (outcome,) = got
+        assert outcome.replies == {}
+        assert outcome.failure is not None
+        assert "a reply to nothing sent yet" in outcome.failure.text
+
+    def test_a_421_after_the_last_reply_closes_a_kept_connection(self) -> None:
+        """A next hop that says 421 right after taking the message: the
+        message stays delivered, and the connection is closed, not kept."""
+        session = ClientSession("me", transaction("a@d"), reuse=True)
+        protocol, transport, clock = connect(session)
+        got = results(protocol)
+        protocol.dataReceived(b"220 hi\r\n")
+        protocol.dataReceived(EHLO_PIPELINING)
+        protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        protocol.dataReceived(b"250 2.0.0 queued\r\n421 4.3.2 bye\r\n")
+        (outcome,) = got
+        assert outcome.replies == {0: Reply(250, "2.0.0", "queued")}
+        assert outcome.failure is None
+        assert not protocol.idle
+        assert transport.disconnecting
+        assert clock.getDelayedCalls() == []
+
     def test_unanswered_quit_keeps_the_outcome(self) -> None:
         """A QUIT left unanswered times out without changing the results."""
         protocol, transport, clock = connect(ClientSession("me", transaction("a@d")))
@@ -612,7 +697,8 @@ class TestProtocol:
     def test_starttls_uses_the_given_options(self) -> None:
         """On the STARTTLS reply the adapter starts TLS and greets again."""
         protocol, transport, _ = connect(ClientSession("me", transaction("a@d")))
-        protocol.dataReceived(b"220 hi\r\n250-peer\r\n250 STARTTLS\r\n")
+        protocol.dataReceived(b"220 hi\r\n")
+        protocol.dataReceived(b"250-peer\r\n250 STARTTLS\r\n")
         transport.clear()
         protocol.dataReceived(b"220 go\r\n")
         assert transport.tls_options == ["opts"]
@@ -637,9 +723,9 @@ class TestProtocol:
             built.append("built")
             return "lazy"
 
-        plain = b"220 hi\r\n250-peer\r\n250 PIPELINING\r\n"
-        with_tls = b"220 hi\r\n250-peer\r\n250 STARTTLS\r\n"
-        for greeting, expected in ((plain, []), (with_tls, ["lazy"])):
+        plain = b"250-peer\r\n250 PIPELINING\r\n"
+        with_tls = b"250-peer\r\n250 STARTTLS\r\n"
+        for ehlo_reply, expected in ((plain, []), (with_tls, ["lazy"])):
             protocol = SMTPClientProtocol(
                 ClientSession("me", transaction("a@d")),
                 Clock(),
@@ -648,8 +734,9 @@ class TestProtocol:
             )
             transport = TLSStringTransport()
             protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
-            protocol.dataReceived(greeting)
-            if greeting is with_tls:
+            protocol.dataReceived(b"220 hi\r\n")
+            protocol.dataReceived(ehlo_reply)
+            if ehlo_reply is with_tls:
                 protocol.dataReceived(b"220 go\r\n")
             assert transport.tls_options == expected
         assert built == ["built"]

@@ -379,6 +379,27 @@ class SessionTests(OutboundTestCase):
         assert "250 in reply to DATA" in results[0].reply.text
         assert self.peers.peer("127.0.0.6").messages == []
 
+    async def test_an_early_reply_to_the_message_is_no_delivery(self) -> None:
+        """A next hop that answers the message with the 354, before reading
+        it, has not taken it: deferred with 451 4.5.0, whatever it says at
+        the end of the data (RFC 5321 section 4.1.1.4)."""
+        script = Script(
+            replies={"DATA": "354 go\r\n250 2.0.0 ok early", ".": "550 5.7.1 no"}
+        )
+        agent = self.start({"127.0.0.6": script})
+        results = await self.send(agent, ["a@nomx.test"])
+        assert self.codes(results) == ["451 4.5.0"]
+        assert "a reply to nothing sent yet" in results[0].reply.text
+
+    async def test_a_stray_refusal_bounces_no_one(self) -> None:
+        """A 550 that answers nothing (sent with MAIL's 250) is no refusal of
+        a recipient: deferred, not bounced."""
+        script = Script(replies={"MAIL": "250 2.1.0 ok\r\n550 5.1.1 stray"})
+        agent = self.start({"127.0.0.6": script})
+        results = await self.send(agent, ["a@nomx.test"])
+        assert self.codes(results) == ["451 4.5.0"]
+        assert self.peers.peer("127.0.0.6").messages == []
+
     async def test_a_second_banner_line_is_no_ehlo_reply(self) -> None:
         """A greeting sent as two 220 replies: the second is not taken for
         the EHLO reply (every later reply would be one step off, and a RCPT's
