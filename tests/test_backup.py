@@ -153,6 +153,27 @@ def test_malformed_reply_says_nothing() -> None:
     assert session.final_result().verdict is Verdict.UNKNOWN
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        # A refusal sent with MAIL's 250, before the RCPT it would answer.
+        ["220 hi", "250 mxa", "250 2.1.0 ok\r\n550 5.1.1 stray", "250 2.1.5 ok"],
+        # A stray 250 after the EHLO reply, which MAIL's 250 would follow.
+        ["220 hi", "250 mxa\r\n250 2.1.0 ok", "250 2.1.0 ok", "550 5.1.1 no"],
+        ["220 hi\r\n250 extra", "250 mxa", "250 ok", "550 5.1.1 no"],
+    ],
+)
+def test_a_reply_to_nothing_sent_says_nothing(lines: list[str]) -> None:
+    """A reply in the same read as the one its command waited for answers
+    nothing sent: no verdict (not cached), whatever comes after."""
+    session = ProbeSession("me", BOB)
+
+    feed(session, *lines)
+
+    assert session.final_result().verdict is Verdict.UNKNOWN
+    assert session.final_result().reply == replies.NEXT_HOP_PROTOCOL_ERROR
+
+
 def test_dropped_connection_says_nothing() -> None:
     """A connection lost before the RCPT reply leaves the recipient unknown."""
     session = ProbeSession("me", BOB)
