@@ -58,7 +58,8 @@ class PrintableLogger(Logger):
     The fields carry what clients and next hops sent (paths, HELO names,
     user names, replies): a control character in them is shown as "?", so
     that an escape sequence never reaches an operator's terminal through a
-    log.  Only the fields the caller gave are looked at, not Twisted's own
+    log; so is one in the text of any other object (a reply, an exception).
+    Only the fields the caller gave are looked at, not Twisted's own
     ``log_`` fields.
 
     ``Logger.emit`` walks every ``LogLevel`` constant on each event to
@@ -71,8 +72,15 @@ class PrintableLogger(Logger):
         self, level: LogLevel, format: str | None = None, **kwargs: object
     ) -> None:
         for key, value in kwargs.items():
-            if isinstance(value, str) and not value.isprintable():
-                kwargs[key] = printable(value)
+            if isinstance(value, str):
+                if not value.isprintable():
+                    kwargs[key] = printable(value)
+            elif value is not None and not isinstance(value, int | float):
+                # A reply, an address, an exception: written as its text,
+                # which may carry what a peer sent.
+                text = str(value)
+                if not text.isprintable():
+                    kwargs[key] = printable(text)
         if level not in _LEVELS or "log_trace" in kwargs:
             super().emit(level, format, **kwargs)
             return

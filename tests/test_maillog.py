@@ -18,6 +18,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 
 from mailx.maillog import MailLogFile, MailLogRouter, PrintableLogger
+from mailx.replies import Reply
 
 
 def event(template: str, **fields: object) -> LogEvent:
@@ -143,8 +144,8 @@ def test_control_characters_from_clients_do_not_reach_the_log() -> None:
 
 
 def test_module_loggers_keep_control_characters_out_of_the_twistd_log() -> None:
-    """A next hop's reply with an escape sequence, logged by a mailx module to
-    the twistd log, arrives there printable."""
+    """A next hop's reply with an escape sequence (a Reply, not a str),
+    logged by a mailx module to the twistd log, arrives there printable."""
     from mailx import outbound
 
     seen: list[LogEvent] = []
@@ -154,7 +155,7 @@ def test_module_loggers_keep_control_characters_out_of_the_twistd_log() -> None:
         outbound.log.info(
             "kept connection to {host} took nothing ({reply})",
             host="mx.test",
-            reply="421 4.3.2 \x1b]0;pwned\x07\x1b[31m bye",
+            reply=Reply(421, "4.3.2", "\x1b]0;pwned\x07\x1b[31m bye"),
         )
     finally:
         globalLogPublisher.removeObserver(observer)
