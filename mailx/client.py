@@ -416,6 +416,9 @@ class ClientSession:
         self._owed_once_written = 0
         # The end of data was answered: this transaction's outcome stands.
         self._settled = False
+        # The content is being written: the next hop reads message text,
+        # where no command may go (RFC 5321 section 4.1.1.4).
+        self._in_content = False
 
     @property
     def extensions(self) -> dict[str, str]:
@@ -447,12 +450,16 @@ class ClientSession:
                 # transaction in the wrong place (a refusal that answered
                 # another command): none of it counts, all is tried again.
                 self.outcome.replies.clear()
-            return actions + self._fail(failure.with_text(f"{failure.text}: {reason}"))
+            # What this read asked for goes unsent: above all a content that
+            # the next hop, out of step, might store although the
+            # transaction is tried again.
+            return self._fail(failure.with_text(f"{failure.text}: {reason}"))
         return actions
 
     def content_sent(self) -> None:
         """The adapter wrote the whole content: its end is now owed a reply."""
         self._owed += 1
+        self._in_content = False
 
     def _take_owed(self, reply: Reply) -> None:
         if self._owed > 0:
@@ -468,6 +475,8 @@ class ClientSession:
         for action in actions:
             if isinstance(action, Send):
                 self._owed_once_written += action.data.count(b"\r\n")
+            elif isinstance(action, StreamContent):
+                self._in_content = True
         return actions
 
     def connection_lost(self) -> SessionOutcome:
@@ -546,7 +555,9 @@ class ClientSession:
         if not was_idle:
             # Once a transaction ended idle, its outcome is given already.
             self.outcome.failure = reply
-        if reply.code == 421:
+        if reply.code == 421 or self._in_content:
+            # Closing, or in the middle of the message text, where QUIT
+            # would be text: the connection just ends.
             return [Finish(self.outcome)]
         return self._count([self._command("QUIT"), Finish(self.outcome)])
 
@@ -846,6 +857,9 @@ class ClientSession:
         if self._abandoned:
             return self._quit()
         self._settle_accepted(reply)
+        # The next hop answered the message itself: what follows cannot
+        # undo it (a refusal of DATA can still turn out to be out of step).
+        self._settled = True
         if self._reuse and reply.is_positive:
             # RFC 5321 section 4.1.1.4: the transaction ended with this reply;
             # the next may start with MAIL.
@@ -858,7 +872,6 @@ class ClientSession:
         # recipient whose RCPT was accepted.
         for index in self._accepted:
             self.outcome.replies[index] = reply
-        self._settled = True
 
 
 # RFC 5321 section 4.3.2 (RFC 3207 for STARTTLS, RFC 4954 for AUTH, RFC
@@ -873,6 +886,7 @@ _PHASE_CODES: dict[Phase, frozenset[int]] = {
     Phase.AUTH: frozenset({235, 334}),
     Phase.DATA: frozenset({354}),
     Phase.CONTENT: frozenset({250}),
+    Phase.QUIT: frozenset({221}),
 }
 _STEP_CODES: dict[_Step, frozenset[int]] = {
     _Step.MAIL: frozenset({250}),
@@ -1007,7 +1021,13 @@ class SMTPClientProtocol(Protocol):
         self._arm(self._timeouts.greeting)
 
     def dataReceived(self, data: bytes) -> None:
-        self._perform(self.session.data_received(data))
+        before = self.session.last_reply
+        actions = self.session.data_received(data)
+        if not actions and self.session.last_reply is before:
+            # Part of a reply: the phase's timer runs on, so a next hop that
+            # trickles octets cannot hold the connection for ever.
+            return
+        self._perform(actions)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
@@ -1065,7 +1085,21 @@ class SMTPClientProtocol(Protocol):
             elif isinstance(action, Finish):
                 # ``done`` fires once the connection is closed.
                 self._disarm()
+                if self._producer is not None:
+                    # In the middle of the content: the rest cannot go, and
+                    # a next hop that stopped reading would hold a graceful
+                    # close for ever.
+                    self._producer.stopProducing()
+                    self._producer = None
+                    self.transport.unregisterProducer()  # type: ignore[union-attr]
+                    self.transport.abortConnection()  # type: ignore[union-attr]
+                    return
                 self.transport.loseConnection()  # type: ignore[union-attr]
+                # Bounded all the same: what is still queued may never drain.
+                self._timer = self._clock.callLater(
+                    self._timeouts.command,
+                    self.transport.abortConnection,  # type: ignore[union-attr]
+                )
                 return
         waiting = self.session.phase not in (Phase.DONE, Phase.IDLE)
         if waiting and self._producer is None:

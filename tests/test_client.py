@@ -457,6 +457,25 @@ class TestSession:
         assert (outcome.failure.code, outcome.failure.enhanced) == (451, "4.5.0")
         assert sent(actions).endswith(b"QUIT\r\n")
 
+    @pytest.mark.parametrize("split", [False, True])
+    def test_one_reply_too_many_shifts_nothing_into_a_bounce(self, split: bool) -> None:
+        """An extra reply in a pipelined group moves every later one: a 550
+        lands where DATA's reply belongs, DATA's 354 after it.  Neither
+        that refusal nor any reply of the group counts, read together or
+        apart; the message is tried again, no one is bounced."""
+        session = ClientSession("me.test", transaction("a@d.test", "b@d.test"))
+        to_envelope(session)
+        group = b"250 2.0.0 stray\r\n250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no\r\n"
+        if split:
+            assert sent(session.data_received(group)) == b"QUIT\r\n"
+            actions = session.data_received(b"354 go ahead\r\n")
+        else:
+            actions = session.data_received(group + b"354 go ahead\r\n")
+        outcome = outcome_of(actions)
+        assert outcome.replies == {}
+        assert outcome.failure is not None
+        assert (outcome.failure.code, outcome.failure.enhanced) == (451, "4.5.0")
+
     def test_a_reply_whose_lines_disagree_delivers_nothing(self) -> None:
         """RFC 5321 section 4.2.1: every line of a reply has the same code;
         "250-ok" then "550 no" is neither success nor refusal."""
@@ -637,7 +656,9 @@ class TestProtocol:
     ) -> None:
         """A 250 that comes with the 354, or while the content is still going
         out, answers a message the next hop has not read: the session ends
-        451 4.5.0 with QUIT, nothing delivered (RFC 5321 section 4.1.1.4)."""
+        451 4.5.0, nothing delivered (RFC 5321 section 4.1.1.4).  Read with
+        the 354, the content is not sent at all; read during the content,
+        the connection is cut, with no QUIT inside the message text."""
         content = b"Subject: t\r\n\r\n" + b"line\r\n" * 5
         session = ClientSession(
             "me", transaction("a@d", content=content), block_size=block_size
@@ -652,10 +673,13 @@ class TestProtocol:
             assert transport.producer is not None
             transport.producer.resumeProducing()
             protocol.dataReceived(b"250 2.0.0 ok early\r\n")
+            assert transport.aborted
         else:
+            transport.clear()
             protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 early\r\n")
-        assert transport.value().endswith(b"QUIT\r\n")
-        assert transport.disconnecting
+            assert transport.value() == b""
+            assert transport.disconnecting
+        assert b"QUIT" not in transport.value()
         protocol.connectionLost()
         (outcome,) = got
         assert outcome.replies == {}
@@ -677,7 +701,24 @@ class TestProtocol:
         assert outcome.failure is None
         assert not protocol.idle
         assert transport.disconnecting
-        assert clock.getDelayedCalls() == []
+        # Only the bound on the close is left: no phase timer, no keeping.
+        assert len(clock.getDelayedCalls()) == 1
+        clock.advance(Timeouts().command)
+        assert transport.aborted
+
+    def test_a_reply_trickled_octet_by_octet_still_times_out(self) -> None:
+        """The phase's timer restarts on a whole reply only: a next hop that
+        sends one octet at a time cannot hold the connection past it."""
+        protocol, transport, clock = connect(
+            ClientSession("me", transaction("a@d")), Timeouts(command=5)
+        )
+        protocol.dataReceived(b"220 hi\r\n")
+        for octet in b"250-peer says hello slowly\r\n"[:6]:
+            clock.advance(2)
+            if transport.aborted:
+                break
+            protocol.dataReceived(bytes([octet]))
+        assert transport.aborted
 
     def test_unanswered_quit_keeps_the_outcome(self) -> None:
         """A QUIT left unanswered times out without changing the results."""
