@@ -30,6 +30,7 @@ from mailx.control import (
     send_command,
 )
 from mailx.dsn import split_headers
+from mailx.maillog import printable
 from mailx.queue import QueuedMessage
 from mailx.spool import QUEUE_ID, SpoolStore
 
@@ -120,7 +121,7 @@ def terminal_safe(text: str) -> str:
     """
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
+    return printable(text, keep="\n\t")
 
 
 class QueueTool:

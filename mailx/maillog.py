@@ -42,9 +42,9 @@ class MailLogRouter:
         self.destination(event)
 
 
-def printable(text: str) -> str:
-    """``text`` with every non-printable character replaced by "?"."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with every non-printable character not in ``keep`` as "?"."""
+    return "".join(c if c.isprintable() or c in keep else "?" for c in text)
 
 
 _LEVELS = frozenset(LogLevel.iterconstants())
