@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 
 from mailx import replies
 from mailx.address import Address
-from mailx.client import ReplyParser
+from mailx.client import OwedReplies, ReplyParser
 from mailx.config import Config
 from mailx.envelope import RecipientDecision, Route
 from mailx.maillog import PrintableLogger, maillog
@@ -142,11 +142,7 @@ class ProbeSession:
         self._smtputf8 = False
         self.phase = _Phase.GREETING
         self.result: ProbeResult | None = None
-        # Replies owed for what was written (the greeting first), and for
-        # the command handed out, written before the next read: one beyond
-        # these came before its command (mailx.client does the same).
-        self._owed = 1
-        self._owed_once_written = 0
+        self._owed = OwedReplies()
 
     @property
     def finished(self) -> bool:
@@ -155,15 +151,12 @@ class ProbeSession:
     def data_received(self, data: bytes) -> list[bytes]:
         """Octets from the exchange in; the command lines to send out."""
         out: list[bytes] = []
-        self._owed += self._owed_once_written
-        self._owed_once_written = 0
+        self._owed.read_begins()
         try:
             for reply in self._parser.feed(data):
-                if self._owed == 0 and reply.code != 421:
-                    # A reply to nothing sent: a stray "550" after MAIL's
-                    # 250 would pass for the RCPT's answer.
-                    raise ValueError(f"a reply to nothing sent yet: {reply}")
-                self._owed = max(0, self._owed - 1)
+                # A stray "550" after MAIL's 250 would pass for the RCPT's
+                # answer: a reply to nothing sent is no answer.
+                self._owed.take(reply)
                 out.extend(self._handle(reply))
                 if self.finished:
                     break
@@ -187,7 +180,7 @@ class ProbeSession:
 
     def _send(self, phase: _Phase, line: str) -> list[bytes]:
         self.phase = phase
-        self._owed_once_written += 1
+        self._owed.handed_out()
         return [line.encode("utf-8") + b"\r\n"]
 
     def _give_up(self, reply: Reply) -> list[bytes]:

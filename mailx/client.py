@@ -247,6 +247,41 @@ class ReplyParser:
         return Reply(code, enhanced, "\n".join(texts))
 
 
+class OwedReplies:
+    """
+    The replies a peer owes: one for each command written (and the greeting
+    to begin with), and one for each command handed to the adapter, which
+    writes it before it reads again.  SMTP numbers no replies, so a reply
+    read when none is owed came before its command did: the early "250" of
+    a next hop that has not read the message, or one reply too many, which
+    would answer the next command in its place (RFC 5321 section 4.2).
+    """
+
+    def __init__(self) -> None:
+        self._owed = 1
+        self._handed_out = 0
+
+    def read_begins(self) -> None:
+        """What was handed out before this read is written by now."""
+        self._owed += self._handed_out
+        self._handed_out = 0
+
+    def handed_out(self, commands: int = 1) -> None:
+        self._handed_out += commands
+
+    def written(self) -> None:
+        """One more written by the adapter itself (the end of the content)."""
+        self._owed += 1
+
+    def take(self, reply: Reply) -> None:
+        """Count ``reply`` as owed; ValueError if it is not."""
+        if self._owed > 0:
+            self._owed -= 1
+        elif reply.code != 421:
+            # RFC 5321 section 3.8 lets a 421 come at any time.
+            raise ValueError(f"a reply to nothing sent yet: {reply}")
+
+
 class DotStuffer:
     """
     Encode content for DATA (RFC 5321 section 4.5.2): a "." that starts a line
@@ -408,12 +443,7 @@ class ClientSession:
         self.phase = Phase.GREETING
         self.outcome = SessionOutcome()
         self.last_reply: Reply | None = None
-        # Replies the next hop owes for what was written (the greeting to
-        # begin with), and for commands handed out but not yet written: the
-        # adapter writes them before it reads again.  A reply beyond these
-        # came before its command did (RFC 5321 section 4.2).
-        self._owed = 1
-        self._owed_once_written = 0
+        self._owed = OwedReplies()
         # The end of data was answered: this transaction's outcome stands.
         self._settled = False
         # The content is being written: the next hop reads message text,
@@ -433,13 +463,12 @@ class ClientSession:
         """Octets from the next hop in; the actions they call for out."""
         if self.phase is Phase.DONE:
             return []
-        self._owed += self._owed_once_written
-        self._owed_once_written = 0
+        self._owed.read_begins()
         actions: list[Action] = []
         try:
             for reply in self._parser.feed(data):
                 self.last_reply = reply
-                self._take_owed(reply)
+                self._owed.take(reply)
                 actions.extend(self._count(self._handle(reply)))
                 if self.finished or any(isinstance(a, StartTLS) for a in actions):
                     break
@@ -458,23 +487,14 @@ class ClientSession:
 
     def content_sent(self) -> None:
         """The adapter wrote the whole content: its end is now owed a reply."""
-        self._owed += 1
+        self._owed.written()
         self._in_content = False
-
-    def _take_owed(self, reply: Reply) -> None:
-        if self._owed > 0:
-            self._owed -= 1
-        elif reply.code != 421:
-            # RFC 5321 section 3.8 lets a 421 come at any time; any other
-            # reply answers nothing written: the early "250" of a next hop
-            # that has not read the message, or one reply too many.
-            raise ValueError(f"a reply to nothing sent yet: {reply}")
 
     def _count(self, actions: list[Action]) -> list[Action]:
         """``actions``, their commands counted as owed a reply each."""
         for action in actions:
             if isinstance(action, Send):
-                self._owed_once_written += action.data.count(b"\r\n")
+                self._owed.handed_out(action.data.count(b"\r\n"))
             elif isinstance(action, StreamContent):
                 self._in_content = True
         return actions
