@@ -625,6 +625,12 @@ class ClientSession:
 
     def _on_greeting(self, reply: Reply) -> list[Action]:
         if reply.code != 220:
+            if reply.is_permanent:
+                # RFC 5321 section 3.1: a 554 greeting refuses the session,
+                # not the message: another exchange is tried, and this one
+                # again later (as Postfix's smtp_skip_5xx_greeting).
+                refused = replies.NEXT_HOP_GREETING_REFUSED
+                reply = refused.with_text(f"{refused.text}: {reply}")
             return self._fail(reply)
         self.phase = Phase.EHLO
         return [self._command(f"EHLO {self._hostname}")]

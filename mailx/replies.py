@@ -161,6 +161,7 @@ NEXT_HOP_TIMEOUT = Reply(451, "4.4.2", "Next hop timed out")
 TLS_REQUIRED_FAILED = Reply(451, "4.7.5", "TLS required by policy but not established")
 TLS_INJECTION = Reply(451, "4.7.0", "Next hop sent data in the clear after STARTTLS")
 NEXT_HOP_PROTOCOL_ERROR = Reply(451, "4.5.0", "Next hop broke the SMTP protocol")
+NEXT_HOP_GREETING_REFUSED = Reply(451, "4.4.0", "Next hop refused service at greeting")
 TOO_BIG_FOR_NEXT_HOP = Reply(
     552, "5.3.4", "Message is larger than the next hop accepts"
 )

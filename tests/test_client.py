@@ -305,6 +305,17 @@ class TestSession:
         assert sent(actions) == b""
         assert outcome_of(actions).failure == Reply(421, "4.3.2", "closing")
 
+    def test_a_554_greeting_defers(self) -> None:
+        """RFC 5321 section 3.1: a 554 greeting refuses this session, not
+        the message: the outcome is temporary, with the greeting's words."""
+        session = ClientSession("me.test", transaction("a@d.test"))
+        actions = session.data_received(b"554 5.3.2 no service for you\r\n")
+        assert sent(actions) == b"QUIT\r\n"
+        failure = outcome_of(actions).failure
+        assert failure is not None
+        assert (failure.code, failure.enhanced) == (451, "4.4.0")
+        assert failure.text.endswith("554 5.3.2 no service for you")
+
     def test_helo_after_ehlo_refused(self) -> None:
         """An EHLO refused with 5xx is followed by HELO."""
         session = ClientSession("me.test", transaction("a@d.test"))

@@ -298,6 +298,23 @@ class SessionTests(OutboundTestCase):
         assert self.codes(results) == ["250 2.0.0"]
         assert len(self.peers.peer("127.0.0.4").messages) == 1
 
+    async def test_a_554_greeting_defers_and_moves_on(self) -> None:
+        """A 554 greeting sends the message on to the next exchange."""
+        refusing = Script(greeting="554 5.3.2 no service")
+        agent = self.start(
+            {"127.0.0.2": refusing, "127.0.0.3": refusing, "127.0.0.4": Script()}
+        )
+        results = await self.send(agent, ["b@multi.test"])
+        assert self.codes(results) == ["250 2.0.0"]
+
+    async def test_554_greetings_everywhere_defer(self) -> None:
+        """Every exchange greeting with 554: deferred, not bounced."""
+        refusing = Script(greeting="554 5.3.2 no service")
+        hosts = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+        agent = self.start({h: refusing for h in hosts})
+        results = await self.send(agent, ["b@multi.test"])
+        assert self.codes(results) == ["451 4.4.0"]
+
     async def test_all_exchanges_421_is_temporary(self) -> None:
         """When every exchange answers 421, the recipient is deferred with it."""
         busy = Script(greeting="421 4.3.2 busy")
