@@ -72,6 +72,9 @@ class PrintableLogger(Logger):
         self, level: LogLevel, format: str | None = None, **kwargs: object
     ) -> None:
         for key, value in kwargs.items():
+            if key.startswith("log_"):
+                # Twisted's own, such as the Failure of ``Logger.failure``.
+                continue
             if isinstance(value, str):
                 if not value.isprintable():
                     kwargs[key] = printable(value)

@@ -164,3 +164,19 @@ def test_module_loggers_keep_control_characters_out_of_the_twistd_log() -> None:
     assert formatEvent(event) == (
         "kept connection to mx.test took nothing (421 4.3.2 ?]0;pwned??[31m bye)"
     )
+
+
+def test_a_logged_failure_keeps_its_traceback() -> None:
+    """``log.failure`` through a mailx logger still carries a Failure, so the
+    twistd log gets the traceback, not a flattened text of it."""
+    seen: list[LogEvent] = []
+    observer = cast(ILogObserver, seen.append)
+    log = PrintableLogger(namespace="mailx.test", observer=observer)
+    try:
+        raise ValueError("first line\nsecond line")
+    except ValueError:
+        log.failure("storing {message_id} failed", message_id="ID\x1b")
+    (event,) = seen
+    assert isinstance(event["log_failure"], Failure)
+    assert "second line" in event["log_failure"].getTraceback()
+    assert formatEvent(event) == "storing ID? failed"
