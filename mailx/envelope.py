@@ -94,16 +94,23 @@ class RecipientDecision:
 
 
 class Policy(Protocol):
-    """May this client send from this reverse path to this forward path?"""
+    """
+    May this client send from this reverse path to this forward path?
+
+    An answer known at once is returned as it is; one that needs a look-up
+    (a backup domain's primary asked) comes as a Deferred.  Most answers
+    are known at once, and a Deferred for each was a tenth of the server's
+    work on MAIL and RCPT (issue 7).
+    """
 
     def check_sender(
         self, client: ClientInfo, reverse_path: Address | None
-    ) -> Deferred[Reply]:
+    ) -> Reply | Deferred[Reply]:
         """Answer MAIL: a 250 to accept, or a 4xx/5xx reply."""
 
     def check_recipient(
         self, client: ClientInfo, reverse_path: Address | None, forward_path: Address
-    ) -> Deferred[RecipientDecision]:
+    ) -> RecipientDecision | Deferred[RecipientDecision]:
         """Answer RCPT: a 250 with its route, or a 4xx/5xx reply."""
 
 

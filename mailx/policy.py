@@ -32,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 
 from mailx import replies
 from mailx.address import POSTMASTER, Address, unquoted_local_part
@@ -88,24 +88,22 @@ class RelayPolicy:
             self._trusted[client.address] = trusted
         return trusted
 
-    def check_sender(
-        self, client: ClientInfo, reverse_path: Address | None
-    ) -> Deferred[Reply]:
+    def check_sender(self, client: ClientInfo, reverse_path: Address | None) -> Reply:
         user = client.authenticated_as
         if user is None or user not in self.sender_addresses:
-            return succeed(replies.SENDER_OK)
+            return replies.SENDER_OK
         # RFC 6409 section 6.1: a submission server may check the sender.
         if not _may_send(reverse_path, self.sender_addresses[user]):
-            return succeed(replies.SENDER_NOT_OWNED)
-        return succeed(replies.SENDER_OK)
+            return replies.SENDER_NOT_OWNED
+        return replies.SENDER_OK
 
     def check_recipient(
         self, client: ClientInfo, reverse_path: Address | None, forward_path: Address
-    ) -> Deferred[RecipientDecision]:
+    ) -> RecipientDecision | Deferred[RecipientDecision]:
         decision = self._decide(client, forward_path)
         if decision.route is Route.BACKUP and self.backup_check is not None:
             return self.backup_check(forward_path)
-        return succeed(decision)
+        return decision
 
     def _decide(self, client: ClientInfo, forward_path: Address) -> RecipientDecision:
         # RFC 5321 section 2.4: domain names are compared without case; a

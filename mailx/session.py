@@ -51,7 +51,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -77,6 +77,9 @@ from mailx.text import Chunks, DataReader, check_text
 MAX_COMMAND_LINE = 512
 # RFC 4954 section 4: a SASL response line may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
+
+# A policy answer: a Reply for MAIL, a RecipientDecision for RCPT.
+_A = TypeVar("_A")
 
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 # The Received header a worker process put first (see _received_header).
@@ -486,9 +489,6 @@ class Session:
             self._error(replies.UNKNOWN_PARAMETER)
             return
 
-        deferred = self.policy.check_sender(self.client, envelope.reverse_path)
-        self._wait()
-
         def answered(reply: Reply) -> None:
             if reply.is_positive:
                 self.envelope = envelope
@@ -498,9 +498,9 @@ class Session:
                 self._log_reject("MAIL", reply, envelope.reverse_path, [])
                 self._error(reply)
 
-        deferred.addCallback(answered)
-        deferred.addErrback(self._policy_failed)
-        deferred.addBoth(lambda _: self._resume())
+        self._after_policy(
+            self.policy.check_sender(self.client, envelope.reverse_path), answered
+        )
 
     def _envelope_from(
         self, reverse_path: Address | None, parameters: dict[str, str | None]
@@ -592,11 +592,6 @@ class Session:
             self._reply(replies.RECIPIENT_OK)
             return
 
-        deferred = self.policy.check_recipient(
-            self.client, envelope.reverse_path, forward_path
-        )
-        self._wait()
-
         def answered(decision: RecipientDecision) -> None:
             if decision.reply.is_positive and decision.route is not None:
                 envelope.recipients.append(
@@ -610,9 +605,24 @@ class Session:
                 )
                 self._error(decision.reply)
 
-        deferred.addCallback(answered)
-        deferred.addErrback(self._policy_failed)
-        deferred.addBoth(lambda _: self._resume())
+        self._after_policy(
+            self.policy.check_recipient(
+                self.client, envelope.reverse_path, forward_path
+            ),
+            answered,
+        )
+
+    def _after_policy(
+        self, answer: _A | Deferred[_A], answered: Callable[[_A], None]
+    ) -> None:
+        """Act on the policy's answer: at once, or when its look-up is done."""
+        if not isinstance(answer, Deferred):
+            answered(answer)
+            return
+        self._wait()
+        answer.addCallback(answered)
+        answer.addErrback(self._policy_failed)
+        answer.addBoth(lambda _: self._resume())
 
     def _policy_failed(self, failure: Failure) -> None:
         maillog.failure("policy check failed", failure)

@@ -54,14 +54,12 @@ class AcceptingPolicy:
         self.hold = False
         self.pending: list[tuple[Deferred[RecipientDecision], RecipientDecision]] = []
 
-    def check_sender(
-        self, client: ClientInfo, reverse_path: Address | None
-    ) -> Deferred[Reply]:
-        return succeed(replies.SENDER_OK)
+    def check_sender(self, client: ClientInfo, reverse_path: Address | None) -> Reply:
+        return replies.SENDER_OK
 
     def check_recipient(
         self, client: ClientInfo, reverse_path: Address | None, forward_path: Address
-    ) -> Deferred[RecipientDecision]:
+    ) -> RecipientDecision | Deferred[RecipientDecision]:
         if forward_path.domain_key not in ("example.org", ""):
             decision = RecipientDecision(replies.RELAY_DENIED)
         elif forward_path.local_part.lower() in ("alice", "bob", "postmaster"):
@@ -72,7 +70,8 @@ class AcceptingPolicy:
             deferred: Deferred[RecipientDecision] = Deferred()
             self.pending.append((deferred, decision))
             return deferred
-        return succeed(decision)
+        # Answered at once, as RelayPolicy answers all but backup checks.
+        return decision
 
     def release(self) -> None:
         """Answer the oldest pending RCPT."""

@@ -279,9 +279,13 @@ def make_prober(
     return prober, network, clock
 
 
-def decide(deferred: defer.Deferred[RecipientDecision]) -> RecipientDecision:
+def decide(
+    answer: RecipientDecision | defer.Deferred[RecipientDecision],
+) -> RecipientDecision:
+    if not isinstance(answer, defer.Deferred):
+        return answer
     results: list[Any] = []
-    deferred.addBoth(results.append)
+    answer.addBoth(results.append)
     (result,) = results
     assert isinstance(result, RecipientDecision)
     return result

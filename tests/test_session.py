@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from typing import cast
 
 import pytest
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from mailx import replies
-from mailx.envelope import Body, Route
+from mailx.envelope import Body, RecipientDecision, Route
 from mailx.replies import Reply, ReplyError
 from mailx.session import MAX_COMMAND_LINE, Session
 from tests.sessionkit import FakeAuthenticator, FakeOutput, make_session
@@ -473,6 +473,31 @@ def test_async_policy_keeps_replies_in_order() -> None:
     assert output.codes() == [220, 250, 250, 250]
     policy.release()
     assert output.codes() == [220, 250, 250, 250, 550, 354]
+
+
+def test_policy_answers_as_deferreds_fired_or_failed() -> None:
+    """
+    A policy may answer with a Deferred that has fired already, or with one
+    that fails: the first counts as its answer, the second gets 451 4.3.0
+    for that command alone, and the session goes on in order.
+    """
+    session, output, _sink, policy = make_session()
+    policy.check_sender = lambda *_: succeed(replies.SENDER_OK)  # type: ignore[method-assign,assignment]
+    answers = iter([fail(RuntimeError("lookup broke")), succeed_ok()])
+    policy.check_recipient = lambda *_: next(answers)  # type: ignore[method-assign]
+    with mail_events() as events:
+        feed(
+            session,
+            b"EHLO c\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\n"
+            b"RCPT TO:<bob@example.org>\r\nDATA\r\n",
+        )
+    assert output.replies()[3] == "451 4.3.0 Local error in processing, try again later"
+    assert output.codes() == [220, 250, 250, 451, 250, 354]
+    assert any(e.get("log_format") == "policy check failed" for e in events)
+
+
+def succeed_ok() -> Deferred[RecipientDecision]:
+    return succeed(RecipientDecision(replies.RECIPIENT_OK, Route.LOCAL))
 
 
 def test_many_pipelined_recipients_do_not_recurse() -> None:
