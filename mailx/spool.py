@@ -48,7 +48,6 @@ from typing import Any, Protocol, TypeVar, cast
 from twisted.application.service import Service
 from twisted.internet.defer import (
     Deferred,
-    DeferredLock,
     fail,
     gatherResults,
     succeed,
@@ -924,7 +923,7 @@ class Spool(Service):
         self._in_flight: dict[str, Deferred[None]] = {}
         # Messages flushed while an attempt was under way: tried again after.
         self._flushed_in_flight: set[str] = set()
-        self._locks: dict[str, DeferredLock] = {}
+        self._turns = _Turns()
         self._timer: IDelayedCall | None = None
         self._recovery_timer: IDelayedCall | None = None
         # New messages and removals share batches, and so their syncs: in
@@ -1208,14 +1207,7 @@ class Spool(Service):
         self, message_id: str, work: Callable[[], Deferred[_T]]
     ) -> Deferred[_T]:
         """Run ``work`` with no other operation on the message under way."""
-        lock = self._locks.setdefault(message_id, DeferredLock())
-
-        def release(result: _T | Failure) -> _T | Failure:
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(message_id, None)
-            return result
-
-        return lock.run(work).addBoth(release)
+        return self._turns.run(message_id, work)
 
     def _start_attempt(self, message_id: str) -> None:
         settled: Deferred[None] = Deferred()
@@ -1659,6 +1651,48 @@ class Spool(Service):
             maillog.info("deleted {message_id}", message_id=message_id)
 
         return self._locked(message_id, lambda: Deferred.fromCoroutine(remove()))
+
+
+class _Turns:
+    """
+    One operation at a time on each message (an attempt, a hold, a delete),
+    the others waiting their turn in the order they came.  A message with
+    nothing waiting costs no Deferred of its own; a ``DeferredLock`` per
+    message made four, for every attempt (issue 7).
+    """
+
+    def __init__(self) -> None:
+        # Message id -> the operations waiting for the one under way.
+        self._waiting: dict[str, deque[Callable[[], None]]] = {}
+
+    def run(self, key: str, work: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+        """Run ``work`` once no earlier operation on ``key`` is under way."""
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            self._waiting[key] = deque()
+            return self._start(key, work)
+        done: Deferred[_T] = Deferred()
+
+        def start() -> None:
+            self._start(key, work).chainDeferred(done)
+
+        waiting.append(start)
+        return done
+
+    def _start(self, key: str, work: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+        try:
+            started = work()
+        except Exception:
+            started = fail()
+        return started.addBoth(self._next, key)
+
+    def _next(self, result: _T, key: str) -> _T:
+        waiting = self._waiting[key]
+        if waiting:
+            waiting.popleft()()
+        else:
+            del self._waiting[key]
+        return result
 
 
 def _clear_stale_socket(path: str) -> None:

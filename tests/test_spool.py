@@ -989,3 +989,51 @@ def test_a_fault_in_the_last_attempt_still_expires_the_message(
     result_of(spool.release(message_id))
     assert any(line.startswith(f"expired {message_id}") for line in mail_log)
     assert message_id not in queued_ids(tmp_path)
+
+
+def test_turns_run_one_operation_a_message_in_order() -> None:
+    """
+    Operations on one message run one at a time, in the order they came,
+    a failed one passing its turn on; another message's run meanwhile.
+    """
+    from mailx.spool import _Turns
+
+    turns = _Turns()
+    started: list[str] = []
+    pending: dict[str, Deferred[str]] = {}
+
+    def op(name: str) -> Callable[[], Deferred[str]]:
+        def work() -> Deferred[str]:
+            started.append(name)
+            pending[name] = Deferred()
+            return pending[name]
+
+        return work
+
+    def broken() -> Deferred[str]:
+        started.append("broken")
+        raise RuntimeError("no")
+
+    outcomes: dict[str, object] = {}
+
+    def record(name: str) -> Callable[[object], None]:
+        return lambda outcome: outcomes.__setitem__(name, outcome)
+
+    for name, work in [("a1", op("a1")), ("a2", broken), ("a3", op("a3"))]:
+        turns.run("A", work).addBoth(record(name))
+    turns.run("B", op("b1")).addBoth(record("b1"))
+    assert started == ["a1", "b1"]
+
+    pending["a1"].errback(ValueError("a1 failed"))
+    # a2 raised at once; a3 starts in the same turn.
+    assert started == ["a1", "b1", "broken", "a3"]
+    pending["a3"].callback("a3 done")
+    pending["b1"].callback("b1 done")
+    for name, error in [("a1", ValueError), ("a2", RuntimeError)]:
+        failure = outcomes.pop(name)
+        assert isinstance(failure, Failure) and failure.check(error)
+    assert outcomes == {"a3": "a3 done", "b1": "b1 done"}
+    # Nothing is kept for a message with nothing under way.
+    assert turns._waiting == {}
+    turns.run("A", op("a4"))
+    assert started[-1] == "a4"
