@@ -311,8 +311,8 @@ class SpoolAgent(AgentProcess):
         there; fail with this change's error, or the whole batch's.
         """
         if isinstance(change, StoreNew):
-            message_id = change.message.message_id.encode("ascii")
-            parts = [b"store", message_id, change.message.to_json(), change.content]
+            message_id = change.message_id.encode("ascii")
+            parts = [b"store", message_id, change.envelope, change.content]
         else:
             assert isinstance(change, Remove)
             reuse = b"1" if change.reuse else b"0"

@@ -120,7 +120,15 @@ def _submission(body: memoryview) -> Submission:
     return number, parts
 
 
+# The spool agent's usual answers, written without json.dumps (issue 7).
+_PLAIN_RESULTS = {None: b"null", True: b"true", False: b"false"}
+
+
 def encode_answer(number: int, answer: dict[str, Any]) -> bytes:
+    if len(answer) == 1 and "result" in answer:
+        result = answer["result"]
+        if result is None or result is True or result is False:
+            return b'{"id": %d, "result": %s}\n' % (number, _PLAIN_RESULTS[result])
     return json.dumps({"id": number, **answer}).encode() + b"\n"
 
 
@@ -246,8 +254,7 @@ def maildir_batch(submissions: list[Submission]) -> list[dict[str, Any]]:
 
 def spool_handler(directory: str) -> Handler:
     """The spool agent's batches, for the spool in ``directory``."""
-    from mailx.queue import QueuedMessage
-    from mailx.spool import Remove, SpoolChange, SpoolStore, StoreNew
+    from mailx.spool import QUEUE_ID, Remove, SpoolChange, SpoolStore, StoreNew
 
     store = SpoolStore(directory)
     # The files in free/ that can be reused.  A full recovery (the server's,
@@ -257,10 +264,15 @@ def spool_handler(directory: str) -> Handler:
     def change_of(parts: Parts) -> SpoolChange:
         match parts:
             case [b"store", message_id, envelope, content]:
-                message = QueuedMessage.from_json(envelope)
-                if message.message_id != message_id.decode("ascii"):
+                # Written as it came (the server made it): not parsed, only
+                # checked to name this message, as QueuedMessage.to_json
+                # writes its id (a queue id needs no JSON escapes).
+                name = message_id.decode("ascii", "replace")
+                if not QUEUE_ID.fullmatch(name):
+                    raise WireError(f"not a queue id: {name!r}")
+                if b'"message_id": "%s"' % message_id not in envelope:
                     raise WireError("a new message whose envelope names another")
-                return StoreNew(message, content)
+                return StoreNew(name, envelope, content)
             case [b"remove", message_id, reuse]:
                 return Remove(message_id.decode("ascii"), reuse == b"1")
         raise WireError(f"not a change to the spool: {parts[:1]!r}")

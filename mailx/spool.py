@@ -262,10 +262,19 @@ POOL_FILE_LIMIT = 64 * 1024
 
 @dataclass(frozen=True)
 class StoreNew:
-    """A change to the spool: a new message to store."""
+    """
+    A change to the spool: a new message to store, its envelope as the JSON
+    written (``QueuedMessage.to_json``).  The spool agent writes it as it
+    came, not parsed and made again (issue 7).
+    """
 
-    message: QueuedMessage
+    message_id: str
+    envelope: bytes
     content: bytes
+
+    @classmethod
+    def of(cls, message: QueuedMessage, content: bytes) -> StoreNew:
+        return cls(message.message_id, message.to_json(), content)
 
 
 @dataclass(frozen=True)
@@ -378,7 +387,7 @@ class SpoolStore:
         batch counts as stored (``discard`` cleans up after it).
         """
         results = self.apply(
-            [StoreNew(message, content) for message, content in messages]
+            [StoreNew.of(message, content) for message, content in messages]
         )
         return [result for result in results if not isinstance(result, bool)]
 
@@ -416,11 +425,13 @@ class SpoolStore:
             change = changes[i]
             assert isinstance(change, StoreNew)
             try:
-                slot = self.write_free(change.message, change.content)
+                slot = self.write_free(
+                    change.message_id, change.envelope, change.content
+                )
             except OSError as error:
                 results[i] = error
             else:
-                written.append((i, change.message.message_id, slot))
+                written.append((i, change.message_id, slot))
         if stores:
             self._fault("written")
         try:
@@ -544,7 +555,7 @@ class SpoolStore:
             return ""
         return "envelope"
 
-    def write_free(self, message: QueuedMessage, content: bytes) -> str:
+    def write_free(self, message_id: str, envelope: bytes, content: bytes) -> str:
         """
         Write a new message's file in ``free/``, not yet synced: a kept file
         overwritten, or a new one.  Return its name there.
@@ -552,12 +563,12 @@ class SpoolStore:
         try:
             slot = self._pool.pop()
         except IndexError:
-            slot = message.message_id
+            slot = message_id
         path = os.path.join(self.free, slot)
         try:
             fd, info = _open_spool_file(path, os.O_WRONLY | os.O_CREAT)
             try:
-                size = _write_all(fd, [message_head(message.to_json()), content])
+                size = _write_all(fd, [message_head(envelope), content])
                 # A kept file longer than this message is cut to its length.
                 if info.st_size > size:
                     os.ftruncate(fd, size)
@@ -1127,7 +1138,7 @@ class Spool(Service):
 
     def _store_new(self, message: QueuedMessage, content: bytes) -> Deferred[str]:
         message_id = message.message_id
-        change = StoreNew(message, content)
+        change = StoreNew.of(message, content)
         if self._recovering is None:
             # At once, with no Deferred to wait on (issue 7); what it raises
             # fails the message as a failed batch would.

@@ -277,7 +277,7 @@ class SpoolAgentTests(TestCase):
         self.addCleanup(self.agent.stop)
 
     async def test_changes_are_applied_and_reported(self) -> None:
-        stored = await self.agent.submit(StoreNew(new_message("A"), CONTENT))
+        stored = await self.agent.submit(StoreNew.of(new_message("A"), CONTENT))
         assert stored is None
         assert self.store.load_with_content("A") == (new_message("A"), CONTENT)
         assert await self.agent.submit(Remove("A")) is True
@@ -287,8 +287,8 @@ class SpoolAgentTests(TestCase):
 
     async def test_a_change_that_failed_fails_alone(self) -> None:
         Path(self.directory, "free", "B").mkdir()
-        refused = self.agent.submit(StoreNew(new_message("B"), CONTENT))
-        stored = self.agent.submit(StoreNew(new_message("C"), CONTENT))
+        refused = self.agent.submit(StoreNew.of(new_message("B"), CONTENT))
+        stored = self.agent.submit(StoreNew.of(new_message("C"), CONTENT))
         with pytest.raises(OSError):
             await refused
         assert await stored is None
@@ -296,7 +296,7 @@ class SpoolAgentTests(TestCase):
 
     async def test_drained_waits_for_every_answer(self) -> None:
         changes = [
-            self.agent.submit(StoreNew(new_message(name), CONTENT)) for name in "DEF"
+            self.agent.submit(StoreNew.of(new_message(name), CONTENT)) for name in "DEF"
         ]
         await self.agent.drained()
         assert all(change.called for change in changes)

@@ -7,6 +7,7 @@ they answer.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 from pathlib import Path
@@ -78,6 +79,24 @@ def test_answers_and_errors_go_through() -> None:
     assert number == 5
     back = os_error(answer["errors"][1])
     assert (back.errno, back.strerror) == (errno.ENOSPC, "No space left")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"result": None},
+        {"result": True},
+        {"result": False},
+        {"result": [5, "Input/output error", None]},
+        {"failed": [28, "No space left on device", "/q/free/A"]},
+    ],
+)
+def test_every_answer_reads_back_as_written(answer: dict[str, Any]) -> None:
+    """The usual answers, written without json.dumps, are the same JSON."""
+    line = encode_answer(2**40, answer)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert decode_answer(line) == (2**40, {"id": 2**40, **answer})
+    assert json.loads(line) == json.loads(json.dumps({"id": 2**40, **answer}))
 
 
 @pytest.mark.parametrize(
@@ -292,6 +311,8 @@ def test_the_spool_agent_reports_a_batch_that_failed(
         [b"store", b"A", b"{}"],
         [b"rename", b"A", b"1"],
         [b"store", b"B", new_message("A").to_json(), CONTENT],
+        [b"store", b"../A", new_message("A").to_json(), CONTENT],
+        [b"store", b"A", new_message("AB").to_json(), CONTENT],
     ],
 )
 def test_the_spool_agent_refuses_what_is_not_a_change(

@@ -101,10 +101,10 @@ def test_messages_stored_and_removed_together_share_two_syncs(
 
     results = store.apply(
         [
-            spool.StoreNew(new_message("N1"), CONTENT),
+            spool.StoreNew.of(new_message("N1"), CONTENT),
             spool.Remove("OLD"),
             spool.Remove("GONE"),
-            spool.StoreNew(new_message("N2"), CONTENT),
+            spool.StoreNew.of(new_message("N2"), CONTENT),
         ]
     )
 

@@ -497,8 +497,8 @@ def test_a_rename_that_fails_fails_its_own_change_only(
 
     results = store.apply(
         [
-            spool.StoreNew(new_message("A"), CONTENT),
-            spool.StoreNew(new_message("B"), CONTENT),
+            spool.StoreNew.of(new_message("A"), CONTENT),
+            spool.StoreNew.of(new_message("B"), CONTENT),
             spool.Remove("R"),
         ]
     )
@@ -529,7 +529,7 @@ def test_a_failed_first_sync_refuses_the_new_messages_only(tmp_path: Path) -> No
     failing.append(True)
 
     results = store.apply(
-        [spool.StoreNew(new_message("A"), CONTENT), spool.Remove("DONE")]
+        [spool.StoreNew.of(new_message("A"), CONTENT), spool.Remove("DONE")]
     )
 
     assert isinstance(results[0], OSError)
@@ -561,7 +561,7 @@ def test_tidying_up_after_the_commit_cannot_refuse_a_stored_message(
 
     results = store.apply(
         [
-            spool.StoreNew(new_message("A"), CONTENT),
+            spool.StoreNew.of(new_message("A"), CONTENT),
             spool.Remove("R1"),
             spool.Remove("R2"),
         ]
@@ -636,7 +636,7 @@ def test_a_message_whose_file_is_reused_while_read_is_gone(
         if path.endswith(os.sep + "message" + os.sep + "A"):
             server.apply([spool.Remove("A")])
             other = b"Subject: for B\r\n\r\n"
-            server.apply([spool.StoreNew(new_message("B", other), other)])
+            server.apply([spool.StoreNew.of(new_message("B", other), other)])
         return opened
 
     monkeypatch.setattr(spool, "_open_spool_file", racing)
