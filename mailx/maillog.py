@@ -72,13 +72,18 @@ class PrintableLogger(Logger):
         self, level: LogLevel, format: str | None = None, **kwargs: object
     ) -> None:
         for key, value in kwargs.items():
+            # By exact type first: most fields are plain text or numbers
+            # (seven lines a message, issue 7).
+            kind = type(value)
+            if kind is int or kind is float or kind is bool or value is None:
+                continue
             if key.startswith("log_"):
                 # Twisted's own, such as the Failure of ``Logger.failure``.
                 continue
             if isinstance(value, str):
                 if not value.isprintable():
                     kwargs[key] = printable(value)
-            elif value is not None and not isinstance(value, int | float):
+            elif not isinstance(value, int | float):
                 # A reply, an address, an exception: written as its text,
                 # which may carry what a peer sent.
                 text = str(value)

@@ -143,6 +143,30 @@ def test_control_characters_from_clients_do_not_reach_the_log() -> None:
     assert line.endswith("from=<?[2Jx?@example.com>\n")
 
 
+def test_fields_of_every_type_are_written_as_given_or_made_printable() -> None:
+    """Numbers, booleans and None are written as they are; text of any kind,
+    a str subclass included, has its control characters made "?"."""
+
+    class Tagged(str):
+        pass
+
+    out = io.StringIO()
+    router = MailLogRouter()
+    router.destination = MailLogFile(out)
+    PrintableLogger(namespace="mailx.mail", observer=router).info(
+        "n={n} f={f:.1f} b={b} none={none} tagged={tagged} big={big}",
+        n=5,
+        f=1.25,
+        b=True,
+        none=None,
+        tagged=Tagged("a\x1bb"),
+        big=2**70,
+    )
+    assert out.getvalue().endswith(
+        f"n=5 f=1.2 b=True none=None tagged=a?b big={2**70}\n"
+    )
+
+
 def test_module_loggers_keep_control_characters_out_of_the_twistd_log() -> None:
     """A next hop's reply with an escape sequence (a Reply, not a str),
     logged by a mailx module to the twistd log, arrives there printable."""
