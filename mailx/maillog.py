@@ -44,6 +44,8 @@ class MailLogRouter:
 
 def printable(text: str, keep: str = "") -> str:
     """``text`` with every non-printable character not in ``keep`` as "?"."""
+    if text.isprintable():
+        return text
     return "".join(c if c.isprintable() or c in keep else "?" for c in text)
 
 

@@ -8,6 +8,7 @@ and tests can name what they expect.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -50,6 +51,11 @@ class Reply:
         return wire
 
     def _encode(self) -> bytes:
+        if "\n" not in self.text:
+            # One line, as most are (a queue id in the text makes a new one
+            # for every message).
+            prefix = f"{self.enhanced} " if self.enhanced else ""
+            return f"{self.code} {prefix}{self.text}\r\n".encode()
         lines = self.lines()
         last = len(lines) - 1
         return "".join(
@@ -69,11 +75,14 @@ class ReplyError(Exception):
         self.reply = reply
 
 
+# Made once per host name: one of each a connection (issue 7).
+@functools.lru_cache(maxsize=16)
 def greeting(hostname: str) -> Reply:
     # RFC 5321 section 4.2: the greeting carries no enhanced code (RFC 2034).
     return Reply(220, "", f"{hostname} ESMTP mailx ready")
 
 
+@functools.lru_cache(maxsize=16)
 def closing(hostname: str) -> Reply:
     return Reply(221, "2.0.0", f"{hostname} closing connection")
 

@@ -428,7 +428,9 @@ class Session:
         self.state = State.READY
         # RFC 5321 section 4.2: a reply's text is printable ASCII (and HT);
         # the name is echoed so, whatever octets the client sent.
-        shown = "".join(c if " " <= c <= "~" else "?" for c in name)
+        shown = name
+        if not (name.isascii() and name.isprintable()):
+            shown = "".join(c if " " <= c <= "~" else "?" for c in name)
         greeting = f"{self.config.hostname} greets {shown}"
         if not esmtp:
             self._reply(replies.Reply(250, "", greeting))

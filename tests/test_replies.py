@@ -10,6 +10,18 @@ def test_one_line_reply() -> None:
     assert replies.RECIPIENT_OK.to_bytes() == b"250 2.1.5 Recipient OK\r\n"
     greeting = replies.greeting("mx.test")
     assert greeting.to_bytes() == b"220 mx.test ESMTP mailx ready\r\n"
+    assert replies.START_DATA.to_bytes().startswith(b"354 End data")
+    assert Reply(250, "", "").to_bytes() == b"250 \r\n"
+    assert Reply(250, "2.0.0", "").to_bytes() == b"250 2.0.0 \r\n"
+    assert (
+        Reply(550, "5.1.1", "caf\u00e9").to_bytes()
+        == "550 5.1.1 caf\u00e9\r\n".encode()
+    )
+    # One per host name, made once.
+    assert replies.greeting("mx.test") is greeting
+    assert replies.closing("mx.test").to_bytes() == (
+        b"221 2.0.0 mx.test closing connection\r\n"
+    )
 
 
 def test_lines_but_the_last_carry_a_hyphen_and_each_its_enhanced_code() -> None:
