@@ -63,6 +63,7 @@ from mailx.mx import (
     MXResolver,
     OwnAddresses,
     ResolutionError,
+    is_ip_address,
     make_dns_resolver,
 )
 from mailx.replies import Reply
@@ -229,8 +230,12 @@ class OutboundAgent:
         pairs: list[tuple[str, str]] = []
         if self._smarthost is not None:
             host = self._smarthost[0]
-            for address in await self.mx.resolve_host(host):
-                pairs.append((host, address))
+            if is_ip_address(host):
+                # Nothing to look up, nor to wait for (issue 7).
+                pairs = [(host, host)]
+            else:
+                for address in await self.mx.resolve_host(host):
+                    pairs.append((host, address))
         elif domain.startswith("["):
             pairs = [(domain, self._literal_address(domain))]
         else:

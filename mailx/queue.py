@@ -167,7 +167,9 @@ class QueuedMessage:
         return latest.reply
 
     def to_json(self) -> bytes:
-        return json.dumps(_encode_message(self), sort_keys=True).encode("utf-8")
+        # In the order _encode_message lists the fields: json.dumps's own
+        # encoder, not one made for sort_keys on every call (issue 7).
+        return json.dumps(_encode_message(self)).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> QueuedMessage:
