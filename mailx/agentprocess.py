@@ -316,7 +316,8 @@ class SpoolAgent(AgentProcess):
         else:
             assert isinstance(change, Remove)
             reuse = b"1" if change.reuse else b"0"
-            parts = [b"remove", change.message_id.encode("ascii"), reuse]
+            leftovers = b"1" if change.leftovers else b"0"
+            parts = [b"remove", change.message_id.encode("ascii"), reuse, leftovers]
         return self.submit_parts(parts).addCallback(self._result)
 
     def _result(self, answer: dict[str, Any]) -> bool | None:

@@ -31,8 +31,10 @@ The Maildir agent takes a message's copies (``maildir_parts``: where each
 goes, then their pieces, a body shared by the copies sent once) and
 answers ``{"id": N, "errors": [null or [ERRNO, "TEXT"], ...]}``, an error
 a job.  The spool agent takes ``store``, the message id, its
-envelope (JSON) and its content, or ``remove``, the message id and ``1`` to
-keep the file for reuse (``0`` not); it answers ``{"id": N, "result": R}``,
+envelope (JSON) and its content, or ``remove``, the message id, ``1`` to
+keep the file for reuse (``0`` not) and ``0`` when no rewritten envelope or
+earlier version's content file can be left (``1``, the default, to look);
+it answers ``{"id": N, "result": R}``,
 R null (stored), true or false (removed; false if it was not there) or
 [ERRNO, "TEXT"] (this change failed), or ``{"id": N, "failed": [ERRNO,
 "TEXT"]}`` when the whole batch failed.
@@ -273,8 +275,10 @@ def spool_handler(directory: str) -> Handler:
                 if b'"message_id": "%s"' % message_id not in envelope:
                     raise WireError("a new message whose envelope names another")
                 return StoreNew(name, envelope, content)
-            case [b"remove", message_id, reuse]:
-                return Remove(message_id.decode("ascii"), reuse == b"1")
+            case [b"remove", message_id, reuse, *rest] if len(rest) <= 1:
+                # The last part, leftovers, is "1" unless given.
+                leftovers = rest[0] != b"0" if rest else True
+                return Remove(message_id.decode("ascii"), reuse == b"1", leftovers)
         raise WireError(f"not a change to the spool: {parts[:1]!r}")
 
     def batch(submissions: list[Submission]) -> list[dict[str, Any]]:

@@ -282,11 +282,15 @@ class Remove:
     """
     A change to the spool: a finished message to remove.  Its file is kept
     for reuse unless ``reuse`` is False (an operator's delete: what is
-    deleted leaves the disk).
+    deleted leaves the disk).  ``leftovers`` False says that no rewritten
+    envelope or content file of an earlier version can be left to remove
+    (a message delivered at its first attempt, from memory): two unlinks
+    that fail are saved a message (issue 7).
     """
 
     message_id: str
     reuse: bool = True
+    leftovers: bool = True
 
 
 SpoolChange = StoreNew | Remove
@@ -460,7 +464,7 @@ class SpoolStore:
                 self._keep(removal.message_id)
             else:
                 os.unlink(os.path.join(self.free, removal.message_id))
-        if taken:
+        if taken == "envelope" or (taken and removal.leftovers):
             for path in (
                 self.envelope_path(removal.message_id),
                 self.content_path(removal.message_id),
@@ -1257,6 +1261,7 @@ class Spool(Service):
             return
         # A fresh message's first attempt needs nothing from disk.
         fresh = self._take_fresh(message_id)
+        from_disk = fresh is None
         try:
             if fresh is None:
                 fresh = await self._run_io(
@@ -1301,7 +1306,8 @@ class Spool(Service):
             log.failure("attempt for {message_id} failed", message_id=message_id)
         if message.pending and expired:
             self._expire(message, self._now())
-        await self._after_attempt(message, content)
+        # A fresh message was never rewritten: nothing but its file to remove.
+        await self._after_attempt(message, content, leftovers=from_disk)
 
     def _expire(self, message: QueuedMessage, now: float) -> None:
         # RFC 5321 section 4.5.4.1: the message has been queued too long.
@@ -1409,10 +1415,12 @@ class Spool(Service):
             reply=str(result.reply),
         )
 
-    async def _after_attempt(self, message: QueuedMessage, content: bytes) -> None:
+    async def _after_attempt(
+        self, message: QueuedMessage, content: bytes, leftovers: bool = True
+    ) -> None:
         now = self._now()
         if not message.pending:
-            await self._finish(message, content)
+            await self._finish(message, content, leftovers)
             return
 
         if self.policy.warning_due(message, now):
@@ -1421,7 +1429,9 @@ class Spool(Service):
         await self._run_io(lambda: self.store.rewrite(message))
         self.schedule.put(message.message_id, message.next_attempt, message.hold)
 
-    async def _finish(self, message: QueuedMessage, content: bytes) -> None:
+    async def _finish(
+        self, message: QueuedMessage, content: bytes, leftovers: bool = True
+    ) -> None:
         """Report the failed recipients, then take the message off the queue."""
         try:
             await self._notify_failure(message, content)
@@ -1436,7 +1446,7 @@ class Spool(Service):
         # The attempt, and its place among the max_parallel, lasts until the
         # removal is durable: so a crash can repeat at most max_parallel
         # deliveries (RFC 5321 section 6.1).  The removal joins a batch.
-        await self._changes.submit(Remove(message.message_id))
+        await self._changes.submit(Remove(message.message_id, leftovers=leftovers))
         self.schedule.remove(message.message_id)
         maillog.info("removed {message_id}", message_id=message.message_id)
 

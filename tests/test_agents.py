@@ -313,6 +313,8 @@ def test_the_spool_agent_reports_a_batch_that_failed(
         [b"store", b"B", new_message("A").to_json(), CONTENT],
         [b"store", b"../A", new_message("A").to_json(), CONTENT],
         [b"store", b"A", new_message("AB").to_json(), CONTENT],
+        [b"remove", b"A", b"1", b"0", b"extra"],
+        [b"remove", b"A"],
     ],
 )
 def test_the_spool_agent_refuses_what_is_not_a_change(
@@ -322,3 +324,25 @@ def test_the_spool_agent_refuses_what_is_not_a_change(
     handler = spool_handler(str(tmp_path))
     with pytest.raises((WireError, ValueError)):
         handler([(1, parts)])
+
+
+@pytest.mark.parametrize(
+    ("parts", "left"),
+    [
+        ([b"remove", b"R", b"1", b"0"], ["R"]),
+        ([b"remove", b"R", b"1", b"1"], []),
+        # From a server that does not say: looked for, as before.
+        ([b"remove", b"R", b"1"], []),
+    ],
+)
+def test_a_removal_says_whether_to_look_for_leftovers(
+    tmp_path: Path, parts: list[bytes], left: list[str]
+) -> None:
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "R")
+    store.rewrite(new_message("R"))
+    handler = spool_handler(str(tmp_path))
+    assert handler([(1, parts)]) == [{"result": True}]
+    assert os.listdir(tmp_path / "message") == []
+    assert os.listdir(tmp_path / "envelope") == left

@@ -642,3 +642,57 @@ def test_a_message_whose_file_is_reused_while_read_is_gone(
     monkeypatch.setattr(spool, "_open_spool_file", racing)
     with pytest.raises(FileNotFoundError):
         SpoolStore(str(tmp_path)).load_with_content("A")
+
+
+def test_a_removal_looks_for_leftovers_unless_there_can_be_none(
+    tmp_path: Path,
+) -> None:
+    """A removal unlinks a rewritten envelope unless told none can be left
+    (a message delivered at its first attempt, from memory)."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    for name in ("PLAIN", "REWRITTEN"):
+        store_one(store, name)
+        store.rewrite(new_message(name))
+    assert sorted(os.listdir(tmp_path / "envelope")) == ["PLAIN", "REWRITTEN"]
+
+    results = store.apply(
+        [spool.Remove("PLAIN", leftovers=False), spool.Remove("REWRITTEN")]
+    )
+
+    assert results == [True, True]
+    assert queued_ids(tmp_path) == []
+    # Told there could be none, the removal did not look.
+    assert os.listdir(tmp_path / "envelope") == ["PLAIN"]
+
+
+@pytest.mark.parametrize(
+    ("replies_to_bob", "leftovers"),
+    [([replies.OK], False), ([DEFERRED, replies.OK], True)],
+)
+def test_only_a_message_delivered_from_memory_skips_the_leftovers(
+    tmp_path: Path,
+    clock: Clock,
+    replies_to_bob: list[replies.Reply],
+    leftovers: bool,
+) -> None:
+    """Delivered at its first attempt, a message was never rewritten; one
+    deferred first was, and its removal takes the rewritten envelope too."""
+    agent = ScriptedAgent(clock, {"bob": replies_to_bob})
+    queue = make_spool(tmp_path, clock, agent)
+    submitted: list[spool.SpoolChange] = []
+    submit = queue._changes.submit
+
+    def recording(change: spool.SpoolChange) -> object:
+        submitted.append(change)
+        return submit(change)
+
+    queue._changes.submit = recording  # type: ignore[method-assign,assignment]
+    queue.startService()
+    message_id = result_of(queue.enqueue(envelope("bob"), CONTENT))
+    clock.advance(3600)
+
+    assert queued_ids(tmp_path) == []
+    assert os.listdir(tmp_path / "envelope") == []
+    removals = [c for c in submitted if isinstance(c, spool.Remove)]
+    assert removals == [spool.Remove(message_id, leftovers=leftovers)]
