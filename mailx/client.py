@@ -219,6 +219,10 @@ class ReplyParser:
             line = raw.rstrip(b"\r").decode("utf-8", "replace")
             if not _REPLY_LINE.fullmatch(line):
                 raise ValueError(f"malformed reply line {line[:40]!r}")
+            if not self._lines and (len(line) == 3 or line[3] == " "):
+                # A reply of one line, as most are (issue 7).
+                yield _one_line_reply(line)
+                continue
             self._lines.append(line)
             if len(self._lines) > MAX_REPLY_LINES:
                 raise ValueError("reply with too many lines")
@@ -245,6 +249,18 @@ class ReplyParser:
                 for t in texts
             ]
         return Reply(code, enhanced, "\n".join(texts))
+
+
+def _one_line_reply(line: str) -> Reply:
+    """A reply of one line (``NNN`` or ``NNN text``), as ``_reply`` reads it."""
+    code = int(line[:3])
+    text = line[4:]
+    # RFC 2034 section 4: the enhanced code starts the text.
+    found = _ENHANCED.match(text)
+    if found and found.group(1) == line[0]:
+        enhanced = found.group(0).strip()
+        return Reply(code, enhanced, text[len(enhanced) :].lstrip())
+    return Reply(code, "", text)
 
 
 class OwedReplies:

@@ -99,6 +99,24 @@ class TestReplyParser:
         with pytest.raises(ValueError):
             list(ReplyParser().feed(b"250-x\r\n" * 1000))
 
+    @given(
+        code=st.integers(200, 599),
+        enhanced=st.sampled_from(
+            ["", "2.0.0 ", "5.1.1 ", "4.7.0", "2.1.5  ", "9.9.9 "]
+        ),
+        text=st.text(st.characters(codec="utf-8", exclude_characters="\r\n")),
+    )
+    def test_one_line_is_read_as_a_line_of_many(
+        self, code: int, enhanced: str, text: str
+    ) -> None:
+        """A one-line reply, read on its own, is the Reply it would be as the
+        last line of a multi-line one: code, enhanced code and text alike."""
+        line = f"{code} {enhanced}{text}"
+        alone = list(ReplyParser().feed(line.encode() + b"\r\n"))
+        parser = ReplyParser()
+        parser._lines = [line]
+        assert alone == [parser._reply()]
+
     def test_endless_line_is_an_error(self) -> None:
         """A line longer than the limit without an end raises ValueError."""
         with pytest.raises(ValueError):
