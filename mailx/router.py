@@ -303,6 +303,9 @@ def _to_retry(
 
 
 def _with_recipients(envelope: Envelope, recipients: list[Recipient]) -> Envelope:
+    if recipients == envelope.recipients:
+        # All of them (the usual case relaying): no copy (issue 7).
+        return envelope
     return dataclasses.replace(envelope, recipients=list(recipients))
 
 
