@@ -520,11 +520,14 @@ class ClientSession:
         if self.phase in (Phase.DONE, Phase.QUIT, Phase.IDLE):
             self.phase = Phase.DONE
             return self.outcome
+        if self.phase is Phase.TLS_EHLO:
+            # Lost before the EHLO over TLS was answered: no TLS session was
+            # made (the handshake, or the peer's certificate, failed).
+            self.outcome.tls = False
         if self.phase is Phase.TLS_EHLO and self._tls_mode is TLSMode.MAY:
             # RFC 7435 section 6: a failed opportunistic handshake is retried
             # in clear.
             self.outcome.retry_plain = True
-            self.outcome.tls = False
             self._fail(replies.CONNECTION_DROPPED.with_text("TLS handshake failed"))
         elif self.phase is Phase.TLS_EHLO:
             self._fail(
@@ -543,6 +546,9 @@ class ClientSession:
         if self.phase in (Phase.DONE, Phase.QUIT, Phase.IDLE):
             self.phase = Phase.DONE
             return [Finish(self.outcome)]
+        if self.phase is Phase.TLS_EHLO:
+            # The handshake may never have finished.
+            self.outcome.tls = False
         text = f"{replies.NEXT_HOP_TIMEOUT.text} during {self.phase.value}"
         return self._fail(replies.NEXT_HOP_TIMEOUT.with_text(text))
 

@@ -371,6 +371,26 @@ class TestSession:
         assert outcome.retry_plain
         assert not outcome.tls
 
+    @pytest.mark.parametrize("mode", [TLSMode.MAY, TLSMode.VERIFY])
+    @pytest.mark.parametrize("ending", ["lost", "timed out"])
+    def test_no_tls_is_claimed_before_the_ehlo_over_it(
+        self, mode: TLSMode, ending: str
+    ) -> None:
+        """A session that ends before the EHLO over TLS is answered (the
+        handshake or the certificate failed, or the peer stalled) made no
+        TLS session, and its outcome does not say it did."""
+        session = ClientSession("me.test", transaction("a@d.test"), mode)
+        session.data_received(b"220 hi\r\n")
+        session.data_received(b"250-peer\r\n250 STARTTLS\r\n")
+        session.data_received(b"220 go\r\n")
+        session.tls_started()
+        if ending == "lost":
+            outcome = session.connection_lost()
+        else:
+            outcome = outcome_of(session.timed_out())
+        assert outcome.failure is not None and outcome.failure.is_transient
+        assert not outcome.tls
+
     def test_verify_without_starttls(self) -> None:
         """Under the verify policy a peer without STARTTLS gets no MAIL."""
         session = ClientSession("me.test", transaction("a@d.test"), TLSMode.VERIFY)

@@ -684,6 +684,7 @@ class TLSTests(OutboundTestCase):
         peer = self.peers.peer("127.0.0.10")
         assert peer.connections == 2
         assert not peer.messages[0].tls
+        assert [line.split(" tls=")[1][:3] for line in self.log] == ["no ", "no "]
 
     async def test_octets_after_starttls_reply_drop_the_session(self) -> None:
         """Octets injected after the STARTTLS reply are never read as replies."""
@@ -718,6 +719,9 @@ class TLSTests(OutboundTestCase):
         results = await self.send(agent, ["b@tls.test"])
         assert self.codes(results) == ["451 4.7.5"]
         assert self.peers.peer("127.0.0.10").messages == []
+        # No TLS session was ever made: the log does not claim one.
+        (line,) = self.log
+        assert "tls=no status=deferred (451 4.7.5" in line
 
     async def test_verify_policy_without_starttls(self) -> None:
         """Under a verify policy a peer without STARTTLS gets nothing."""
