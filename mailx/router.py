@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
 from mailx import maildir, replies
 from mailx.address import Address
@@ -201,6 +201,16 @@ class Router:
         self.queue = queue
 
     def receive(self, envelope: Envelope, content: bytes) -> Deferred[Reply]:
+        if self.queue is not None and not any(
+            recipient.route in LOCAL_ROUTES for recipient in envelope.recipients
+        ):
+            # Every recipient goes to the spool (relaying, a backup domain):
+            # straight there, without a coroutine to drive (issue 7).
+            try:
+                queued = self.queue.enqueue(envelope, content)
+            except Exception:
+                return fail()
+            return queued.addCallback(lambda _: replies.OK)
         return Deferred.fromCoroutine(self._receive(envelope, content))
 
     async def _receive(self, envelope: Envelope, content: bytes) -> Reply:

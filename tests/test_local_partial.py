@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
+from mailx import replies as replies_module
 from mailx.address import Address
 from mailx.envelope import ClientInfo, Envelope, Recipient, Route
 from mailx.local import Mailbox
-from mailx.replies import Reply
+from mailx.replies import Reply, ReplyError
 from mailx.router import GroupCommit, LocalFirstAgent, LocalStore, Router
 from mailx.spool import Spool, synchronous_io
 
@@ -299,3 +302,56 @@ def test_a_spool_message_queues_a_shared_failed_maildir_once(
     assert setup.copies("carol") == 1
     assert setup.copies("alice") == 1
     assert setup.queued() == []
+
+
+class FakeQueue:
+    """A spool's enqueue: answers with what it is given, or raises at once."""
+
+    def __init__(self, answer: Deferred[str] | Exception) -> None:
+        self.answer = answer
+        self.queued: list[Envelope] = []
+
+    def enqueue(self, envelope: Envelope, content: bytes) -> Deferred[str]:
+        self.queued.append(envelope)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def relayed_envelope() -> Envelope:
+    return Envelope(
+        reverse_path=Address("s", "example.net"),
+        recipients=[
+            Recipient(Address("x", "far.example"), Route.RELAY),
+            Recipient(Address("y", "backup.example"), Route.BACKUP),
+        ],
+        client=ClientInfo("192.0.2.1", 2525, helo="client.example.net"),
+        message_id="R1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (succeed("R1"), replies_module.OK),
+        (fail(ReplyError(replies_module.STORAGE_FAILED)), ReplyError),
+        (OSError(28, "No space left on device"), OSError),
+    ],
+)
+def test_mail_for_the_spool_alone_goes_straight_there(
+    tmp_path: Path, answer: Deferred[str] | Exception, expected: object
+) -> None:
+    """An envelope with no local recipient is queued as it is; what the
+    spool answers, or raises at once, comes back as the Deferred's result."""
+    queue = FakeQueue(answer)
+    local = LocalStore(str(tmp_path), Mailboxes(), GroupCommit(synchronous_io))
+    router = Router(local, queue)
+    envelope = relayed_envelope()
+    results: list[object] = []
+    router.receive(envelope, CONTENT).addBoth(results.append)
+    (result,) = results
+    assert queue.queued == [envelope]
+    if isinstance(expected, type):
+        assert isinstance(result, Failure) and result.check(expected)
+    else:
+        assert result == expected
