@@ -939,6 +939,10 @@ class Spool(Service):
         # Messages flushed while an attempt was under way: tried again after.
         self._flushed_in_flight: set[str] = set()
         self._turns = _Turns()
+        # Messages whose newest state (recipients delivered, attempts, next
+        # attempt) the disk refused: kept here until written, so that a
+        # delivered recipient is not sent the message again at every retry.
+        self._unsaved: dict[str, QueuedMessage] = {}
         self._timer: IDelayedCall | None = None
         self._recovery_timer: IDelayedCall | None = None
         # New messages and removals share batches, and so their syncs: in
@@ -1286,6 +1290,8 @@ class Spool(Service):
             )
             return
         message, content = fresh
+        # A state the disk refused last time is newer than the file's.
+        message = self._unsaved.get(message_id, message)
         if message.hold:
             self.schedule.put(message_id, message.next_attempt, hold=True)
             return
@@ -1426,8 +1432,34 @@ class Spool(Service):
         if self.policy.warning_due(message, now):
             await self._notify_delay(message, content, now)
         message.next_attempt = self.policy.next_attempt(message, now, self._rng)
-        await self._run_io(lambda: self.store.rewrite(message))
+        await self._record(message)
         self.schedule.put(message.message_id, message.next_attempt, message.hold)
+
+    async def _record(self, message: QueuedMessage) -> None:
+        """
+        Write a message's new envelope after an attempt.  If the disk refuses
+        (a full file system), the state is kept in memory, used by the next
+        attempt and written then: retries keep their schedule and do not
+        go again to recipients already delivered.  Only a restart before
+        it is written forgets it (RFC 5321 section 6.1's duplicate).
+        """
+        message_id = message.message_id
+        try:
+            await self._run_io(lambda: self.store.rewrite(message))
+        except OSError as error:
+            self._unsaved[message_id] = message
+            maillog.error(
+                "could not record the attempt for {message_id} ({error}); its"
+                " state is kept in memory until it can be written",
+                message_id=message_id,
+                error=str(error),
+            )
+        else:
+            if self._unsaved.pop(message_id, None) is not None:
+                maillog.info(
+                    "recorded the state of {message_id} kept in memory",
+                    message_id=message_id,
+                )
 
     async def _finish(
         self, message: QueuedMessage, content: bytes, leftovers: bool = True
@@ -1439,7 +1471,7 @@ class Spool(Service):
             # Keep the message so the report is tried again; it stays durable.
             log.failure("could not queue a report for {id}", id=message.message_id)
             message.next_attempt = self._now() + self.policy.min_retry
-            await self._run_io(lambda: self.store.rewrite(message))
+            await self._record(message)
             self.schedule.put(message.message_id, message.next_attempt)
             return
 
@@ -1447,6 +1479,7 @@ class Spool(Service):
         # removal is durable: so a crash can repeat at most max_parallel
         # deliveries (RFC 5321 section 6.1).  The removal joins a batch.
         await self._changes.submit(Remove(message.message_id, leftovers=leftovers))
+        self._unsaved.pop(message.message_id, None)
         self.schedule.remove(message.message_id)
         maillog.info("removed {message_id}", message_id=message.message_id)
 
@@ -1646,11 +1679,22 @@ class Spool(Service):
                 return False
             # The envelope on disk is the one to change from now on.
             self._take_fresh(message_id)
-            message = await self._run_io(lambda: self.store.load(message_id))
+            unsaved = self._unsaved.get(message_id)
+            if unsaved is not None:
+                message = unsaved
+            else:
+                message = await self._run_io(lambda: self.store.load(message_id))
+            before = (message.hold, message.next_attempt)
             message.hold = hold
             if not hold:
                 message.next_attempt = self._now()
-            await self._run_io(lambda: self.store.rewrite(message))
+            try:
+                await self._run_io(lambda: self.store.rewrite(message))
+            except OSError:
+                # Not held (or released) after all: the operator is told.
+                message.hold, message.next_attempt = before
+                raise
+            self._unsaved.pop(message_id, None)
             self.schedule.put(message_id, message.next_attempt, hold)
             event = "held" if hold else "released"
             maillog.info(event + " {message_id}", message_id=message_id)
@@ -1668,6 +1712,7 @@ class Spool(Service):
             self._known_after_wait(message_id, was_in_flight)
             self._take_fresh(message_id)
             await self._changes.submit(Remove(message_id, reuse=False))
+            self._unsaved.pop(message_id, None)
             self.schedule.remove(message_id)
             maillog.info("deleted {message_id}", message_id=message_id)
 

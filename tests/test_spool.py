@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import errno
 import os
 import random
 from collections.abc import Callable
@@ -1037,3 +1038,115 @@ def test_turns_run_one_operation_a_message_in_order() -> None:
     assert turns._waiting == {}
     turns.run("A", op("a4"))
     assert started[-1] == "a4"
+
+
+def test_a_full_disk_after_an_attempt_sends_no_recipient_the_message_twice(
+    tmp_path: Path,
+    clock: Clock,
+    agent: ScriptedAgent,
+    mail_log: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    When the envelope cannot be rewritten after an attempt (a full queue
+    file system), the new state is kept in memory: the next attempt goes
+    to the recipients still pending only, at the retry schedule's time,
+    and the state is written once the disk takes it.
+    """
+    agent.script = {"late": [DEFERRED, DEFERRED, replies.OK]}
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    full = True
+    rewrite = spool.store.rewrite
+
+    def refusing(message: QueuedMessage) -> None:
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        rewrite(message)
+
+    monkeypatch.setattr(spool.store, "rewrite", refusing)
+    message_id = result_of(spool.enqueue(envelope("bob", "late"), CONTENT))
+    assert (
+        f"could not record the attempt for {message_id} ([Errno 28] No space"
+        " left on device); its state is kept in memory until it can be written"
+    ) in mail_log
+
+    clock.advance(MIN_RETRY * 1.5)
+    full = False
+    clock.advance(MIN_RETRY * 3)
+
+    attempts = [[a.local_part for a in call.recipients] for call in agent.calls]
+    assert attempts == [["bob", "late"], ["late"], ["late"]]
+    assert queued_ids(tmp_path) == []
+    assert mail_log[-2:] == [
+        f"delivered {message_id} to=<late@example.com> relay=mx.example.com "
+        "attempts=3 reply=250 2.0.0 OK",
+        f"removed {message_id}",
+    ]
+
+
+def test_the_state_kept_in_memory_is_what_a_restart_reads_once_written(
+    tmp_path: Path,
+    clock: Clock,
+    agent: ScriptedAgent,
+    mail_log: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Written at the next attempt the disk takes it: a restart after that
+    sends bob nothing again."""
+    agent.script = {"late": [DEFERRED]}
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    rewrite = spool.store.rewrite
+    refusals = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def refusing_once(message: QueuedMessage) -> None:
+        if refusals:
+            raise refusals.pop()
+        rewrite(message)
+
+    monkeypatch.setattr(spool.store, "rewrite", refusing_once)
+    message_id = result_of(spool.enqueue(envelope("bob", "late"), CONTENT))
+    clock.advance(MIN_RETRY * 1.5)
+    assert f"recorded the state of {message_id} kept in memory" in mail_log
+    result_of(spool.stopService())
+
+    stored = SpoolStore(str(tmp_path)).load(message_id)
+    assert [r.state for r in stored.recipients] == [
+        RecipientState.DELIVERED,
+        RecipientState.PENDING,
+    ]
+    assert stored.attempts == 2
+
+
+def test_holding_a_message_writes_the_state_kept_in_memory(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hold after a refused rewrite writes the newer state, not the
+    file's older one: bob stays delivered."""
+    agent.script = {"late": [DEFERRED]}
+    spool = make_spool(tmp_path, clock, agent)
+    spool.startService()
+    rewrite = spool.store.rewrite
+    refusals = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def refusing_once(message: QueuedMessage) -> None:
+        if refusals:
+            raise refusals.pop()
+        rewrite(message)
+
+    monkeypatch.setattr(spool.store, "rewrite", refusing_once)
+    message_id = result_of(spool.enqueue(envelope("bob", "late"), CONTENT))
+    assert result_of(spool.hold(message_id)) is True
+
+    stored = SpoolStore(str(tmp_path)).load(message_id)
+    assert stored.hold
+    assert [r.state for r in stored.recipients] == [
+        RecipientState.DELIVERED,
+        RecipientState.PENDING,
+    ]
+    assert result_of(spool.release(message_id)) is True
+    assert [[a.local_part for a in c.recipients] for c in agent.calls] == [
+        ["bob", "late"],
+        ["late"],
+    ]
