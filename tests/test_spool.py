@@ -1085,6 +1085,19 @@ def test_a_full_disk_after_an_attempt_sends_no_recipient_the_message_twice(
     ]
 
 
+def refuse_rewrites(spool: Spool, monkeypatch: pytest.MonkeyPatch, times: int) -> None:
+    """The next ``times`` envelope rewrites fail as on a full file system."""
+    rewrite = spool.store.rewrite
+    refusals = [OSError(errno.ENOSPC, "No space left on device")] * times
+
+    def refusing(message: QueuedMessage) -> None:
+        if refusals:
+            raise refusals.pop()
+        rewrite(message)
+
+    monkeypatch.setattr(spool.store, "rewrite", refusing)
+
+
 def test_the_state_kept_in_memory_is_what_a_restart_reads_once_written(
     tmp_path: Path,
     clock: Clock,
@@ -1097,15 +1110,7 @@ def test_the_state_kept_in_memory_is_what_a_restart_reads_once_written(
     agent.script = {"late": [DEFERRED]}
     spool = make_spool(tmp_path, clock, agent)
     spool.startService()
-    rewrite = spool.store.rewrite
-    refusals = [OSError(errno.ENOSPC, "No space left on device")]
-
-    def refusing_once(message: QueuedMessage) -> None:
-        if refusals:
-            raise refusals.pop()
-        rewrite(message)
-
-    monkeypatch.setattr(spool.store, "rewrite", refusing_once)
+    refuse_rewrites(spool, monkeypatch, 1)
     message_id = result_of(spool.enqueue(envelope("bob", "late"), CONTENT))
     clock.advance(MIN_RETRY * 1.5)
     assert f"recorded the state of {message_id} kept in memory" in mail_log
@@ -1127,15 +1132,7 @@ def test_holding_a_message_writes_the_state_kept_in_memory(
     agent.script = {"late": [DEFERRED]}
     spool = make_spool(tmp_path, clock, agent)
     spool.startService()
-    rewrite = spool.store.rewrite
-    refusals = [OSError(errno.ENOSPC, "No space left on device")]
-
-    def refusing_once(message: QueuedMessage) -> None:
-        if refusals:
-            raise refusals.pop()
-        rewrite(message)
-
-    monkeypatch.setattr(spool.store, "rewrite", refusing_once)
+    refuse_rewrites(spool, monkeypatch, 1)
     message_id = result_of(spool.enqueue(envelope("bob", "late"), CONTENT))
     assert result_of(spool.hold(message_id)) is True
 
