@@ -943,6 +943,8 @@ class Spool(Service):
         # attempt) the disk refused: kept here until written, so that a
         # delivered recipient is not sent the message again at every retry.
         self._unsaved: dict[str, QueuedMessage] = {}
+        # Messages whose failure report was queued and whose removal failed.
+        self._reported: set[str] = set()
         self._timer: IDelayedCall | None = None
         self._recovery_timer: IDelayedCall | None = None
         # New messages and removals share batches, and so their syncs: in
@@ -1083,7 +1085,7 @@ class Spool(Service):
         from mailx.control import ControlFactory
 
         unix = cast(IReactorUNIX, self._reactor)
-        _clear_stale_socket(path)
+        clear_stale_socket(path)
         endpoint = UNIXServerEndpoint(unix, path, mode=0o600, wantPID=True)
 
         def listening(port: IListeningPort) -> None:
@@ -1296,6 +1298,10 @@ class Spool(Service):
             self.schedule.put(message_id, message.next_attempt, hold=True)
             return
 
+        if not message.pending:
+            # Settled already (its removal failed): only removed now.
+            await self._after_attempt(message, content, leftovers=True)
+            return
         started = self._now()
         # An attempt first, even past the lifetime (a message released from
         # hold, or the attempt at the moment of expiry): what it cannot
@@ -1465,8 +1471,10 @@ class Spool(Service):
         self, message: QueuedMessage, content: bytes, leftovers: bool = True
     ) -> None:
         """Report the failed recipients, then take the message off the queue."""
+        message_id = message.message_id
         try:
-            await self._notify_failure(message, content)
+            if message_id not in self._reported:
+                await self._notify_failure(message, content)
         except Exception:
             # Keep the message so the report is tried again; it stays durable.
             log.failure("could not queue a report for {id}", id=message.message_id)
@@ -1478,9 +1486,26 @@ class Spool(Service):
         # The attempt, and its place among the max_parallel, lasts until the
         # removal is durable: so a crash can repeat at most max_parallel
         # deliveries (RFC 5321 section 6.1).  The removal joins a batch.
-        await self._changes.submit(Remove(message.message_id, leftovers=leftovers))
-        self._unsaved.pop(message.message_id, None)
-        self.schedule.remove(message.message_id)
+        try:
+            await self._changes.submit(Remove(message_id, leftovers=leftovers))
+        except Exception as error:
+            # The spool agent ended, say.  Every recipient is settled and
+            # reported: the next attempt only removes the message, it does
+            # not deliver it or report on it again.
+            self._unsaved[message_id] = message
+            self._reported.add(message_id)
+            message.next_attempt = self._now() + self.policy.min_retry
+            self.schedule.put(message_id, message.next_attempt, message.hold)
+            maillog.error(
+                "could not remove {message_id} from the queue ({error}); tried"
+                " again at its next attempt",
+                message_id=message_id,
+                error=str(error),
+            )
+            return
+        self._unsaved.pop(message_id, None)
+        self._reported.discard(message_id)
+        self.schedule.remove(message_id)
         maillog.info("removed {message_id}", message_id=message.message_id)
 
     # Notifications.
@@ -1713,6 +1738,7 @@ class Spool(Service):
             self._take_fresh(message_id)
             await self._changes.submit(Remove(message_id, reuse=False))
             self._unsaved.pop(message_id, None)
+            self._reported.discard(message_id)
             self.schedule.remove(message_id)
             maillog.info("deleted {message_id}", message_id=message_id)
 
@@ -1750,6 +1776,9 @@ class _Turns:
             started = work()
         except Exception:
             started = fail()
+        if not isinstance(started, Deferred):
+            # Not a Deferred after all: its turn must still end.
+            started = succeed(started)
         return started.addBoth(self._next, key)
 
     def _next(self, result: _T, key: str) -> _T:
@@ -1761,10 +1790,12 @@ class _Turns:
         return result
 
 
-def _clear_stale_socket(path: str) -> None:
+def clear_stale_socket(path: str) -> None:
     """
-    Remove a control socket, and its lock, that a process which ended left
-    behind: nothing answers on it.  Its lock may name a pid that a new
+    Remove a UNIX socket (control or handoff), and its lock, that a process
+    which ended left behind: nothing answers on it.  A lock can also name a
+    process killed but not yet reaped (a zombie), which Twisted takes for
+    alive.  Its lock may name a pid that a new
     process has since taken, which would keep the socket from being made
     again.  A socket that answers is left alone: another server uses it.
     """

@@ -62,7 +62,7 @@ from mailx.router import (
     Router,
 )
 from mailx.session import SessionConfig
-from mailx.spool import DeliveryAgent, Spool
+from mailx.spool import DeliveryAgent, Spool, clear_stale_socket
 from mailx.tls import ReloadableContext, TLSConfigError
 from mailx.workers import HandoffQueue, WorkerPool, handoff_path
 
@@ -249,8 +249,12 @@ class MailxService(MultiService):
         except CannotListenError as error:
             # An exception, not SystemExit: a daemonizing twistd reports it
             # to the terminal through its status pipe.
+            port = error.port
+            if isinstance(port, bytes):
+                # A UNIX socket's path.
+                port = os.fsdecode(port)
             raise RuntimeError(
-                f"mailx: cannot listen on {error.interface or '*'}:{error.port}:"
+                f"mailx: cannot listen on {error.interface or '*'}:{port}:"
                 f" {error.socketError}"
             ) from None
 
@@ -484,6 +488,9 @@ def build_service(
     if config.server.workers > 1:
         handoff = parts.handoff_factory(router, service)
         path = handoff_path(config.server.control_socket)
+        # Left by a main process killed a moment ago (a supervisor restarting
+        # it): the queue's lock, held by now, says no other server runs.
+        clear_stale_socket(path)
         unix = UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
         _Listener(unix, handoff, "handoff").setServiceParent(  # type: ignore[no-untyped-call]
             service

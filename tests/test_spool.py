@@ -27,7 +27,9 @@ from mailx.spool import (
     MessageGone,
     MessageHeld,
     RecipientResult,
+    Remove,
     Spool,
+    SpoolChange,
     SpoolStore,
     UnknownMessage,
     synchronous_io,
@@ -1034,6 +1036,11 @@ def test_turns_run_one_operation_a_message_in_order() -> None:
         failure = outcomes.pop(name)
         assert isinstance(failure, Failure) and failure.check(error)
     assert outcomes == {"a3": "a3 done", "b1": "b1 done"}
+    # Work that gives a plain value still ends its turn.
+    turns.run("C", lambda: "at once").addBoth(record("c1"))  # type: ignore[arg-type,return-value]
+    turns.run("C", op("c2"))
+    assert outcomes["c1"] == "at once" and started[-1] == "c2"
+    pending["c2"].callback("c2 done")
     # Nothing is kept for a message with nothing under way.
     assert turns._waiting == {}
     turns.run("A", op("a4"))
@@ -1147,3 +1154,43 @@ def test_holding_a_message_writes_the_state_kept_in_memory(
         ["bob", "late"],
         ["late"],
     ]
+
+
+def test_a_failed_removal_delivers_and_reports_nothing_again(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent, mail_log: list[str]
+) -> None:
+    """When the removal after the last attempt fails (the spool agent
+    ended), the message is removed at its next attempt, without another
+    delivery to bob or another report on nobody's bounce."""
+    agent.script = {"nobody": [REFUSED]}
+    spool = make_spool(tmp_path, clock, agent)
+    submit = spool._changes.submit
+    failures = [OSError(errno.EPIPE, "the spool agent ended (signal 9)")]
+
+    message_id = "ORIGINAL1"
+
+    def failing_once(change: SpoolChange) -> Deferred[bool | None]:
+        # Not the report's removal: the message's own.
+        if isinstance(change, Remove) and change.message_id == message_id and failures:
+            return fail(failures.pop())
+        return submit(change)
+
+    spool._changes.submit = failing_once  # type: ignore[method-assign,assignment]
+    spool.startService()
+    queued = spool.enqueue(envelope("bob", "nobody", message_id=message_id), CONTENT)
+    assert result_of(queued) == message_id
+    assert (
+        f"could not remove {message_id} from the queue ([Errno 32] the spool agent"
+        " ended (signal 9)); tried again at its next attempt"
+    ) in mail_log
+    assert message_id in queued_ids(tmp_path)
+
+    clock.advance(MIN_RETRY * 1.5)
+
+    assert message_id not in queued_ids(tmp_path)
+    deliveries = [c for c in agent.calls if c.reverse_path is not None]
+    assert [[a.local_part for a in c.recipients] for c in deliveries] == [
+        ["bob", "nobody"]
+    ]
+    assert len(reports(agent)) == 1
+    assert mail_log.count(f"removed {message_id}") == 1

@@ -156,6 +156,35 @@ def test_workers_end_with_their_main_process(tmp_path: Path) -> None:
     wait_until(lambda: not alive(worker), "the worker to notice its parent died")
 
 
+def test_a_restart_after_a_kill_serves_while_the_old_pid_is_a_zombie(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the main process, then a start at once, as a supervisor
+    does: the handoff socket's lock names the killed process, not reaped
+    yet (a zombie, which looks alive), and the new server takes it over."""
+    server, main, worker = start_two(tmp_path)
+    killed = server.process
+    assert killed is not None
+    os.kill(main, signal.SIGKILL)
+    wait_until(lambda: not alive(worker), "the worker to stop with its parent")
+    assert not alive(main) and Path(f"/proc/{main}").exists()
+    lock = server.workdir / "var/mailx/handoff.sock.lock"
+    assert os.readlink(lock) == str(main)
+    try:
+        server.start()
+        wait_until(lambda: len(worker_pids(server.process.pid)) == 1, "a worker")  # type: ignore[union-attr]
+        with smtplib.SMTP(server.address, server.port, timeout=WAIT) as client:
+            client.sendmail(
+                "s@example.net", ["alice@example.org"], b"Subject: w\r\n\r\nx\r\n"
+            )
+    finally:
+        server.stop()
+        killed.wait(WAIT)
+        if killed.stdout:
+            killed.stdout.close()
+    assert len(server.messages("example.org", "alice")) == 1
+
+
 def test_sighup_reaches_the_workers(tmp_path: Path) -> None:
     """SIGHUP to the main process makes its workers re-read the certificate."""
     identity = make_tls_identity("mx.example.org")
