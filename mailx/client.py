@@ -546,9 +546,6 @@ class ClientSession:
         if self.phase in (Phase.DONE, Phase.QUIT, Phase.IDLE):
             self.phase = Phase.DONE
             return [Finish(self.outcome)]
-        if self.phase is Phase.TLS_EHLO:
-            # The handshake may never have finished.
-            self.outcome.tls = False
         text = f"{replies.NEXT_HOP_TIMEOUT.text} during {self.phase.value}"
         return self._fail(replies.NEXT_HOP_TIMEOUT.with_text(text))
 

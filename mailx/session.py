@@ -619,7 +619,11 @@ class Session:
     ) -> None:
         """Act on the policy's answer: at once, or when its look-up is done."""
         if not isinstance(answer, Deferred):
-            answered(answer)
+            try:
+                answered(answer)
+            except Exception:
+                # As a failure in a Deferred's callback would be: a 451.
+                self._policy_failed(Failure())
             return
         self._wait()
         answer.addCallback(answered)

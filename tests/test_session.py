@@ -496,6 +496,16 @@ def test_policy_answers_as_deferreds_fired_or_failed() -> None:
     assert any(e.get("log_format") == "policy check failed" for e in events)
 
 
+def test_a_policy_answer_that_breaks_the_session_gets_451() -> None:
+    """An answer given at once that the session cannot use (a bug) gets 451
+    4.3.0 for that command, as a failing Deferred would: the replies to the
+    other pipelined commands still go out, and the session goes on."""
+    session, output, _sink, policy = make_session()
+    policy.check_sender = lambda *_: None  # type: ignore[method-assign,assignment]
+    feed(session, b"EHLO c\r\nMAIL FROM:<s@example.net>\r\nNOOP\r\n")
+    assert output.codes() == [220, 250, 451, 250]
+
+
 def succeed_ok() -> Deferred[RecipientDecision]:
     return succeed(RecipientDecision(replies.RECIPIENT_OK, Route.LOCAL))
 
