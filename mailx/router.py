@@ -201,11 +201,8 @@ class Router:
         self.queue = queue
 
     def receive(self, envelope: Envelope, content: bytes) -> Deferred[Reply]:
-        if self.queue is not None and not any(
-            recipient.route in LOCAL_ROUTES for recipient in envelope.recipients
-        ):
-            # Every recipient goes to the spool (relaying, a backup domain):
-            # straight there, without a coroutine to drive (issue 7).
+        if self.queue is not None and _queued_whole(envelope):
+            # Straight to the spool, without a coroutine to drive (issue 7).
             try:
                 queued = self.queue.enqueue(envelope, content)
             except Exception:
@@ -215,19 +212,16 @@ class Router:
 
     async def _receive(self, envelope: Envelope, content: bytes) -> Reply:
         """
-        Local recipients first, straight into their Maildirs; then the others
-        into the spool, with every local recipient whose Maildir could not be
-        written, which the spool retries later: the client is not refused
-        for copies that were written, and those are not written again.
+        A message for local recipients alone goes straight into their
+        Maildirs; the recipients whose Maildir could not be written go to
+        the spool, which retries them later: the client is not refused for
+        copies that were written, and those are not written again.
         """
         local = [r for r in envelope.recipients if r.route in LOCAL_ROUTES]
         others = [r for r in envelope.recipients if r.route not in LOCAL_ROUTES]
-        if envelope.client is not None and envelope.client.listener == "worker":
-            # Handed on by a worker (mailx.workers): it wrote every Maildir
-            # it could, so its local recipients go to the spool, not again
-            # to a Maildir that just failed.
-            others += local
-            local = []
+        if others:
+            # Only without a spool (``_queued_whole`` sends the rest there).
+            return replies.LOCAL_ERROR
         # A local recipient with no Maildir now (its alias was removed by a
         # reload since RCPT) goes to the spool, whose agent reports it as
         # unknown to the sender: it is never dropped unsaid.
@@ -265,6 +259,23 @@ class Router:
             assert self.queue is not None
             await self.queue.enqueue(_with_recipients(envelope, others), content)
         return replies.OK
+
+
+def _queued_whole(envelope: Envelope) -> bool:
+    """
+    Does the whole message go to the spool, its local recipients too?
+
+    - When some recipient is not local (relaying, a backup domain): the
+      spool takes it first, and its first attempt writes the Maildirs.  A
+      store the disk refuses then refuses the message (451) before any
+      copy is written, so the client's next try makes none twice.
+    - When a worker handed it on (mailx.workers): the worker wrote every
+      Maildir it could, so the rest goes to the spool, not again to a
+      Maildir that just failed.
+    """
+    if envelope.client is not None and envelope.client.listener == "worker":
+        return True
+    return any(r.route not in LOCAL_ROUTES for r in envelope.recipients)
 
 
 def _log_missing(message_id: str, recipient: Recipient, misses: list[Miss]) -> None:

@@ -355,3 +355,55 @@ def test_mail_for_the_spool_alone_goes_straight_there(
         assert isinstance(result, Failure) and result.check(expected)
     else:
         assert result == expected
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_a_message_for_local_and_other_recipients_is_queued_whole(
+    tmp_path: Path, stored: bool
+) -> None:
+    """Local and relayed recipients together: the whole message goes to the
+    spool, whose first attempt writes the Maildirs.  A store the disk
+    refuses refuses the message before any copy is written, so the
+    client's next try makes no second copy."""
+    answer = (
+        succeed("R1") if stored else fail(ReplyError(replies_module.STORAGE_FAILED))
+    )
+    queue = FakeQueue(answer)
+    root = tmp_path / "mail"
+    local = LocalStore(str(root), Mailboxes(), GroupCommit(synchronous_io))
+    router = Router(local, queue)
+    envelope = relayed_envelope()
+    envelope.recipients.insert(0, Recipient(ALICE, Route.LOCAL))
+    results: list[object] = []
+    router.receive(envelope, CONTENT).addBoth(results.append)
+    (result,) = results
+    assert [r.address for r in queue.queued[0].recipients] == [
+        ALICE,
+        Address("x", "far.example"),
+        Address("y", "backup.example"),
+    ]
+    assert not (root / DOMAIN / "alice").exists()
+    if stored:
+        assert result == replies_module.OK
+    else:
+        assert isinstance(result, Failure) and result.check(ReplyError)
+
+
+def test_the_spool_writes_the_local_copy_of_a_message_queued_whole(
+    tmp_path: Path,
+) -> None:
+    """The spool's first attempt, at once, writes alice's Maildir; only the
+    relayed recipient stays queued."""
+    setup = Setup(tmp_path)
+    envelope = relayed_envelope()
+    envelope.recipients[:] = [
+        Recipient(ALICE, Route.LOCAL),
+        Recipient(Address("x", "far.example"), Route.RELAY),
+    ]
+    results: list[object] = []
+    setup.router.receive(envelope, CONTENT).addBoth(results.append)
+    assert results == [replies_module.OK]
+    assert setup.copies("alice") == 1
+    (message_id,) = setup.queued()
+    stored = setup.spool.store.load(message_id)
+    assert [r.address for r in stored.pending] == [Address("x", "far.example")]
