@@ -107,6 +107,8 @@ class PrintableLogger(Logger):
 
 router = MailLogRouter()
 maillog = PrintableLogger(namespace=MAIL_NAMESPACE, observer=router)
+# The mail log's own troubles: to the twistd log.
+_log = PrintableLogger(namespace="mailx.maillog")
 
 
 @implementer(ILogObserver)
@@ -126,12 +128,16 @@ class MailLogFile:
         self._flush_call: IDelayedCall | None = None
         self._second = -1
         self._stamp = ""
+        # While the file cannot be written (a full disk): why, and how many
+        # lines were given meanwhile.
+        self._failure: str | None = None
+        self._lost = 0
 
     def flush(self) -> None:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        self.file.flush()
+        self._flush_file()
 
     def __call__(self, event: LogEvent) -> None:
         if "log_failure" in event:
@@ -146,15 +152,61 @@ class MailLogFile:
         level = event.get("log_level")
         level_name = level.name if level is not None else "info"
         text = _render(event).replace("\n", "\n\t")
-        self.file.write(f"{self._stamp} [{MAIL_NAMESPACE}#{level_name}] {text}\n")
+        if self._failure is not None:
+            # Writable again?  Then the note on what was lost comes first.
+            self._flush_file()
+        if self._failure is not None:
+            self._lost += 1
+        try:
+            self.file.write(f"{self._stamp} [{MAIL_NAMESPACE}#{level_name}] {text}\n")
+        except OSError as error:
+            self._failed(error)
         if self._clock is None:
-            self.file.flush()
+            self._flush_file()
         elif self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self._flush_pending)
 
     def _flush_pending(self) -> None:
         self._flush_call = None
-        self.file.flush()
+        self._flush_file()
+
+    def _flush_file(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as error:
+            self._failed(error)
+            return
+        if self._failure is not None:
+            self._recovered()
+
+    def _failed(self, error: OSError) -> None:
+        """Said once in the twistd log, not once a line: mail goes on."""
+        if self._failure is None:
+            self._failure = str(error)
+            self._lost = 1
+            _log.error(
+                "the mail log cannot be written ({error}): its lines are lost"
+                " until it can be",
+                error=str(error),
+            )
+
+    def _recovered(self) -> None:
+        """Written again: the file says how many lines it lost, and why."""
+        failure, self._failure = self._failure, None
+        lost, self._lost = self._lost, 0
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # On a line of its own, after whatever part of a line the disk took.
+        note = (
+            f"\n{stamp} [{MAIL_NAMESPACE}#error] mail log lines lost while it"
+            f" could not be written ({failure}): about {lost}\n"
+        )
+        try:
+            self.file.write(note)
+            self.file.flush()
+        except OSError as error:
+            self._failed(error)
+            return
+        _log.info("the mail log is written again; about {lost} lines lost", lost=lost)
 
 
 # Format string -> whether it has plain named fields only ({name} and

@@ -204,3 +204,59 @@ def test_a_logged_failure_keeps_its_traceback() -> None:
     assert isinstance(event["log_failure"], Failure)
     assert "second line" in event["log_failure"].getTraceback()
     assert formatEvent(event) == "storing ID? failed"
+
+
+class FillingFile(io.StringIO):
+    """A file on a disk that fills up: while ``full``, nothing is written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+        self.held: list[str] = []
+
+    def write(self, text: str) -> int:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_costs_mail_log_lines_and_says_so_once() -> None:
+    """While the mail log's disk is full its lines are lost, the twistd log
+    says so once (not once a line), and the log itself says how many were
+    lost once it can be written again."""
+    out = FillingFile()
+    clock = Clock()
+    log = MailLogFile(out, clock)
+    seen: list[LogEvent] = []
+    observer = cast(ILogObserver, seen.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        log(event("before"))
+        clock.advance(0)
+        out.full = True
+        for n in range(3):
+            log(event("lost {n}", n=n))
+            clock.advance(0)
+        out.full = False
+        log(event("after"))
+        clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("] before")
+    assert lines[1] == ""
+    assert lines[2].endswith(
+        "[mailx.mail#error] mail log lines lost while it could not be written"
+        " ([Errno 28] No space left on device): about 3"
+    )
+    assert lines[3].endswith("] after")
+    assert [formatEvent(e) for e in seen] == [
+        "the mail log cannot be written ([Errno 28] No space left on device):"
+        " its lines are lost until it can be",
+        "the mail log is written again; about 3 lines lost",
+    ]
