@@ -164,6 +164,9 @@ class SessionOutcome:
     tls: bool = False
     # A failed opportunistic STARTTLS handshake: try this host again in clear.
     retry_plain: bool = False
+    # The next hop said something (its greeting at least): the log names it
+    # as the relay; not after a refused connection or a silent one.
+    answered: bool = False
 
 
 @dataclass(frozen=True)
@@ -484,6 +487,7 @@ class ClientSession:
         try:
             for reply in self._parser.feed(data):
                 self.last_reply = reply
+                self.outcome.answered = True
                 self._owed.take(reply)
                 actions.extend(self._count(self._handle(reply)))
                 if self.finished or any(isinstance(a, StartTLS) for a in actions):
@@ -567,7 +571,9 @@ class ClientSession:
         self._mail_reply = None
         self._queued = []
         self._abandoned = False
-        self.outcome = SessionOutcome(tls=self.outcome.tls)
+        self.outcome = SessionOutcome(
+            tls=self.outcome.tls, answered=self.outcome.answered
+        )
         self.last_reply = None
         self._settled = False
         return self._count(self._start_transaction())

@@ -275,7 +275,10 @@ class OutboundAgent:
                 break
             attempt = transaction.subset(open_indices)
             outcome = await self._attempt(domain, host, address, attempt, envelope)
-            last_hop = f"{host}[{address}]"
+            if outcome.answered:
+                # The exchange whose word the recipients get; "none" while
+                # no exchange answered (README, the mail log).
+                last_hop = f"{host}[{address}]"
 
             still_open = []
             for position, index in enumerate(open_indices):

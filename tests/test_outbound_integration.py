@@ -242,6 +242,8 @@ class ResolutionTests(OutboundTestCase):
         assert self.codes(results) == ["451 4.4.1"]
         assert results[0].reply.text == "No answer from next hop: connection refused"
         assert self.peers.peer("127.0.0.8").connections == 0
+        # Nothing answered: the recipient's line says relay=none.
+        assert results[0].next_hop == ""
 
     async def test_self_as_best_is_a_loop(self) -> None:
         """mailx as best MX (by its address) of a foreign domain fails 5.4.6."""
