@@ -19,6 +19,7 @@ other domain to the outbound client.
 from __future__ import annotations
 
 import dataclasses
+import errno
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -278,6 +279,21 @@ def _queued_whole(envelope: Envelope) -> bool:
     return any(r.route not in LOCAL_ROUTES for r in envelope.recipients)
 
 
+def _maildir_failed(misses: list[Miss]) -> Reply:
+    """
+    The reply a recipient whose Maildir could not be written is retried
+    with: it names the error, for the deferred line, ``mailx queue show``
+    and the report if it never can be; a full disk or quota is "mail
+    system full" (RFC 3463, X.3.1).
+    """
+    if not misses:
+        return replies.STORAGE_FAILED
+    error = misses[0][1]
+    words = error.strerror or str(error)
+    enhanced = "4.3.1" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "4.3.0"
+    return Reply(451, enhanced, f"Maildir could not be written ({words})")
+
+
 def _log_missing(message_id: str, recipient: Recipient, misses: list[Miss]) -> None:
     for _, problem in misses:
         maillog.warn(
@@ -407,7 +423,7 @@ class LocalFirstAgent:
             elif not misses or len(misses) >= len(boxes):
                 _log_missing(envelope.message_id, recipient, misses)
                 _uncovered(misses, covered, self.local.root)
-                outcome[index] = replies.STORAGE_FAILED
+                outcome[index] = _maildir_failed(misses)
         # Then those with some copies written: the rest goes once, by itself.
         for index, (recipient, boxes) in enumerate(known):
             if index not in outcome:

@@ -407,3 +407,29 @@ def test_the_spool_writes_the_local_copy_of_a_message_queued_whole(
     (message_id,) = setup.queued()
     stored = setup.spool.store.load(message_id)
     assert [r.address for r in stored.pending] == [Address("x", "far.example")]
+
+
+def test_a_maildir_retry_records_the_error_it_met(tmp_path: Path) -> None:
+    """The reply a Maildir retry records (the deferred line, ``queue show``,
+    the report if it never succeeds) names the error, not only "try
+    again later"."""
+    setup = Setup(tmp_path)
+    setup.block("carol")
+    assert setup.receive(CAROL).is_positive
+    setup.retry()
+    (message_id,) = setup.queued()
+    (recipient,) = setup.spool.store.load(message_id).recipients
+    assert recipient.reply is not None
+    assert (recipient.reply.code, recipient.reply.enhanced) == (451, "4.3.0")
+    assert recipient.reply.text.startswith("Maildir could not be written (")
+    assert recipient.reply.text != "Maildir could not be written ()"
+
+
+def test_a_full_disk_is_mail_system_full() -> None:
+    from mailx.router import _maildir_failed
+
+    full = OSError(28, "No space left on device")
+    reply = _maildir_failed([(Mailbox(DOMAIN, "carol"), full)])
+    assert str(reply) == (
+        "451 4.3.1 Maildir could not be written (No space left on device)"
+    )
