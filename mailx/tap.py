@@ -233,6 +233,8 @@ class MailxService(MultiService):
         self.factories: list[SMTPServerFactory] = []
         self.workers: WorkerPool | None = None
         self.spool_agent: SpoolAgent | None = None
+        # A worker process (mailx.workers) says nothing of the server's stop.
+        self.is_worker = False
         # While stopping: when to look for hung agents, and what they had
         # answered at the last look.
         self._deadline: IDelayedCall | None = None
@@ -281,6 +283,10 @@ class MailxService(MultiService):
         )
 
     def stopService(self) -> Deferred[None] | None:
+        if not self.is_worker:
+            maillog.info(
+                "mailx stopping: open sessions get 421, deliveries under way finish"
+            )
         for factory in self.factories:
             factory.shut_down()
         # The listeners close at once, and the workers end (they hand what
@@ -350,6 +356,8 @@ class MailxService(MultiService):
         return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
 
     def _close_mail_log(self, result: object) -> None:
+        if not self.is_worker:
+            maillog.info("mailx stopped")
         if self._mail_log_file is not None:
             maillog_router.destination = globalLogPublisher
             try:
@@ -511,6 +519,7 @@ def build_worker(
     """
     config = options.config
     service = MailxService(config, options.tls, reactor)
+    service.is_worker = True
     parts = _Parts(config, options.tls, options.mailboxes, reactor, options.users)
     service.parts = parts
     queue = HandoffQueue(

@@ -224,6 +224,14 @@ def test_the_mail_log_file_takes_the_mail_events(tmp_path: Path) -> None:
     )
     assert any(re.fullmatch(prefix + f"disconnect from {peer}", x) for x in lines)
     assert "accepted from=" not in server.log()
+    # SIGTERM is in the log too, its last line once all is done.
+    assert any(
+        x.endswith(
+            "] mailx stopping: open sessions get 421, deliveries under way finish"
+        )
+        for x in lines
+    )
+    assert re.fullmatch(prefix + "mailx stopped", lines[-1])
 
 
 def test_several_listeners_and_ipv6(tmp_path: Path) -> None:
