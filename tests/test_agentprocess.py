@@ -471,8 +471,10 @@ def test_an_agent_hung_at_stop_is_killed(clock: Clock, mail_log: list[str]) -> N
     assert maildir.killed and stopped
     assert not spool.killed
     assert mail_log == [
+        "mailx stopping: open sessions get 421, deliveries under way finish",
         "maildir delivery agent answered nothing for 60 s while the server stops:"
-        " killing it"
+        " killing it",
+        "mailx stopped",
     ]
     assert clock.getDelayedCalls() == []
 
