@@ -1334,6 +1334,9 @@ class Spool(Service):
             recipient.state = RecipientState.BOUNCED
             recipient.expired = True
             recipient.reply = recipient.reply or replies.DELIVERY_EXPIRED
+            # Each recipient's outcome, as after an attempt: grepping for a
+            # recipient finds its bounce, not only its deferrals.
+            _log_outcome("bounced", message, recipient)
 
     async def _deliver(
         self, message: QueuedMessage, content: bytes, started: float
@@ -1417,15 +1420,7 @@ class Spool(Service):
             event = "bounced"
         else:
             event = "deferred"
-        maillog.info(
-            event + " {message_id} to=<{recipient}> relay={relay} "
-            "attempts={attempts} reply={reply}",
-            message_id=message.message_id,
-            recipient=str(recipient.address),
-            relay=result.next_hop or "none",
-            attempts=recipient.attempts,
-            reply=str(result.reply),
-        )
+        _log_outcome(event, message, recipient)
 
     async def _after_attempt(
         self, message: QueuedMessage, content: bytes, leftovers: bool = True
@@ -1743,6 +1738,21 @@ class Spool(Service):
             maillog.info("deleted {message_id}", message_id=message_id)
 
         return self._locked(message_id, lambda: Deferred.fromCoroutine(remove()))
+
+
+def _log_outcome(
+    event: str, message: QueuedMessage, recipient: QueuedRecipient
+) -> None:
+    """A recipient's delivered, deferred or bounced line, with its last reply."""
+    maillog.info(
+        event + " {message_id} to=<{recipient}> relay={relay} "
+        "attempts={attempts} reply={reply}",
+        message_id=message.message_id,
+        recipient=str(recipient.address),
+        relay=recipient.next_hop or "none",
+        attempts=recipient.attempts,
+        reply=str(recipient.reply),
+    )
 
 
 class _Turns:

@@ -496,8 +496,14 @@ def test_expiry_at_exactly_the_lifetime(
 
     clock.advance(1)
     assert message_id not in queued_ids(tmp_path)
-    assert f"expired {message_id} from=<alice@example.org> nrcpt=1 age=86400" in (
-        mail_log
+    expired = mail_log.index(
+        f"expired {message_id} from=<alice@example.org> nrcpt=1 age=86400"
+    )
+    # Then bob's own outcome, with the last reply he had.
+    assert mail_log[expired + 1] == (
+        f"bounced {message_id} to=<bob@example.com> relay=mx.example.com "
+        f"attempts={mail_log[expired - 1].split('attempts=')[1].split()[0]} "
+        "reply=450 4.2.0 Mailbox busy"
     )
     [(_, report)] = reports(agent)
     [_, block] = status_blocks(report)
