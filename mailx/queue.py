@@ -175,9 +175,14 @@ class QueuedMessage:
     def from_json(cls, data: bytes) -> QueuedMessage:
         """Parse an envelope file; raise ``ValueError`` if it is not one."""
         try:
-            return _decode_message(json.loads(data))
+            return _decode_message(json.loads(data, parse_constant=_no_constant))
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"malformed envelope: {error!r}") from error
+
+
+def _no_constant(name: str) -> object:
+    """NaN and Infinity are no time or size: the envelope is unreadable."""
+    raise ValueError(f"malformed envelope: {name} where a number belongs")
 
 
 def _encode_address(address: Address | None) -> list[str] | None:

@@ -84,6 +84,17 @@ def test_malformed_envelope_is_refused() -> None:
         QueuedMessage.from_json(b"not json")
 
 
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_an_envelope_with_no_number_for_a_time_is_refused(constant: bytes) -> None:
+    """NaN or Infinity for the arrival (a hand-edited file) is unreadable,
+    not a time that breaks ``mailx queue list`` for every message."""
+    arrival = b'"arrival": %s' % repr(message().arrival).encode()
+    data = message().to_json()
+    assert arrival in data
+    with pytest.raises(ValueError, match="where a number belongs"):
+        QueuedMessage.from_json(data.replace(arrival, b'"arrival": ' + constant))
+
+
 def test_newer_envelope_version_is_refused() -> None:
     """An envelope written by a newer mailx is not misread."""
     data = message().to_json().replace(b'"version": 1', b'"version": 99')
