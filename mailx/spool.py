@@ -780,7 +780,19 @@ class SpoolStore:
                 if message is None:
                     raise ValueError(f"{name} has no envelope")
             except FileNotFoundError:
-                # Delivered or deleted since it was listed.
+                if not (
+                    full
+                    and name in messages
+                    and os.path.lexists(self.message_path(name))
+                ):
+                    # Delivered or deleted since it was listed.
+                    continue
+                # At a start nothing reuses a file meanwhile: a message file
+                # whose envelope names another message is damaged (edited by
+                # hand, say), and goes aside rather than stay unseen for ever.
+                self._recover_step(
+                    os.path.join("message", name), removed, self.set_aside, name
+                )
                 continue
             except Exception as error:
                 if isinstance(error, OSError) and error.errno not in _NOT_A_FILE:

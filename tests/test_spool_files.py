@@ -696,3 +696,25 @@ def test_only_a_message_delivered_from_memory_skips_the_leftovers(
     assert os.listdir(tmp_path / "envelope") == []
     removals = [c for c in submitted if isinstance(c, spool.Remove)]
     assert removals == [spool.Remove(message_id, leftovers=leftovers)]
+
+
+def test_a_message_file_naming_another_message_is_set_aside_at_start(
+    tmp_path: Path,
+) -> None:
+    """At a start nothing reuses a file: a message file whose envelope names
+    another message (edited by hand) goes to corrupt/ and is reported,
+    rather than stay in message/ unseen for ever.  A listing while the
+    server runs leaves it alone (its file may be reused meanwhile)."""
+    store = SpoolStore(str(tmp_path))
+    store.prepare()
+    store_one(store, "OTHER")
+    os.replace(tmp_path / "message" / "OTHER", tmp_path / "message" / "NAMED")
+
+    found, removed = SpoolStore(str(tmp_path)).recover(full=False)
+    assert (found, removed) == ([], [])
+    assert os.listdir(tmp_path / "message") == ["NAMED"]
+
+    found, removed = SpoolStore(str(tmp_path)).recover()
+    assert found == []
+    assert removed == ["message/NAMED"]
+    assert os.listdir(tmp_path / "corrupt") == ["NAMED.message"]
