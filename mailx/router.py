@@ -231,6 +231,7 @@ class Router:
         if others and self.queue is None:
             return replies.LOCAL_ERROR
 
+        missed: list[tuple[Recipient, list[Miss]]] = []
         if resolved:
             try:
                 failed = await self.local.deliver(
@@ -250,7 +251,7 @@ class Router:
             covered: set[str] = set()
             for index, misses in sorted(failed.items()):
                 recipient, boxes = resolved[index]
-                _log_missing(envelope.message_id, recipient, misses)
+                missed.append((recipient, misses))
                 # Only what is missing goes to the spool: the Maildirs that
                 # were written are not written again.
                 missing = _uncovered(misses, covered, self.local.root)
@@ -259,6 +260,10 @@ class Router:
         if others:
             assert self.queue is not None
             await self.queue.enqueue(_with_recipients(envelope, others), content)
+        # Said once queued: a spool that refused it makes the client's 451
+        # the news ("not stored"), not a retry that will not come.
+        for recipient, misses in missed:
+            _log_missing(envelope.message_id, recipient, misses)
         return replies.OK
 
 
@@ -416,12 +421,12 @@ class LocalFirstAgent:
         covered: set[str] = set()
         # First the recipients none of whose copies were written: each is
         # tried again whole, so its Maildirs are covered.
-        for index, (recipient, boxes) in enumerate(known):
+        for index, (_, boxes) in enumerate(known):
             misses = failed.get(index)
             if misses is None:
                 outcome[index] = DELIVERED
             elif not misses or len(misses) >= len(boxes):
-                _log_missing(envelope.message_id, recipient, misses)
+                # Retried whole: its deferred line names the error.
                 _uncovered(misses, covered, self.local.root)
                 outcome[index] = _maildir_failed(misses)
         # Then those with some copies written: the rest goes once, by itself.

@@ -433,3 +433,48 @@ def test_a_full_disk_is_mail_system_full() -> None:
     assert str(reply) == (
         "451 4.3.1 Maildir could not be written (No space left on device)"
     )
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_a_maildir_failure_is_said_queued_only_once_it_is(
+    tmp_path: Path, stored: bool, mail_log: list[str]
+) -> None:
+    """ "queued for retry" is logged once the spool took the retry; when it
+    refused, the client's 451 is the news, and no retry is promised."""
+    answer = (
+        succeed("R1") if stored else fail(ReplyError(replies_module.STORAGE_FAILED))
+    )
+    root = tmp_path / "mail"
+    (root / DOMAIN).mkdir(parents=True)
+    (root / DOMAIN / "carol").write_text("not a Maildir")
+    local = LocalStore(str(root), Mailboxes(), GroupCommit(synchronous_io))
+    router = Router(local, FakeQueue(answer))
+    envelope = Envelope(
+        reverse_path=Address("s", "example.net"),
+        recipients=[Recipient(CAROL, Route.LOCAL), Recipient(ALICE, Route.LOCAL)],
+        client=ClientInfo("192.0.2.1", 2525, helo="client.example.net"),
+        message_id="M1",
+    )
+    results: list[object] = []
+    router.receive(envelope, CONTENT).addBoth(results.append)
+    promised = [line for line in mail_log if "queued for retry" in line]
+    assert len(promised) == (1 if stored else 0)
+    assert (results[0] == replies_module.OK) is stored
+
+
+def test_a_retry_from_the_spool_logs_its_error_in_its_deferred_line(
+    tmp_path: Path, mail_log: list[str]
+) -> None:
+    """A Maildir retried whole from the spool says why in its deferred
+    line, not again "queued for retry" (it is queued already)."""
+    setup = Setup(tmp_path)
+    setup.block("carol")
+    assert setup.receive(CAROL).is_positive
+    before = len(mail_log)
+    setup.retry()
+    retried = mail_log[before:]
+    assert not any("queued for retry" in line for line in retried)
+    assert any(
+        line.startswith("deferred ") and "Maildir could not be written (" in line
+        for line in retried
+    )
