@@ -518,3 +518,40 @@ def test_the_start_says_when_the_agents_cannot_start(
         "the agents cannot start (cannot run /x/python3): local mail is queued"
         " and mail to queue is refused with 451 until they can"
     )
+
+
+def test_an_agent_that_hangs_while_running_is_killed(
+    clock: Clock, mail_log: list[str]
+) -> None:
+    """A request waiting a whole period with no answer at all (a stopped
+    process, a disk that does not answer) gets the agent killed, so that
+    its requests fail (451, or the queue) instead of sessions hanging; one
+    slow but answering, or given its request just before a look, is not."""
+    from mailx.tap import HUNG_AGENT_TIME
+
+    maildir, spool = FakeAgent("maildir delivery", hung=True), FakeAgent("spool", False)
+    service = MailxService(load_config(None), None, clock)
+    service.parts = cast(Any, SimpleNamespace(agent=maildir))
+    service.spool_agent = cast(Any, spool)
+    service.startService()
+    try:
+        clock.advance(HUNG_AGENT_TIME)
+        maildir.answered += 1  # slow, but working
+        clock.advance(HUNG_AGENT_TIME)
+        assert not maildir.killed
+        # Idle at a look, asked something just before the next.
+        spool.unanswered = 1
+        maildir.answered += 1
+        clock.advance(HUNG_AGENT_TIME)
+        assert not maildir.killed and not spool.killed
+        clock.advance(HUNG_AGENT_TIME)
+        assert maildir.killed and spool.killed
+        assert [line for line in mail_log if "answered nothing" in line] == [
+            "spool agent answered nothing for 120 s: killing it",
+            "maildir delivery agent answered nothing for 120 s: killing it",
+        ]
+    finally:
+        stopping = service.stopService()
+        clock.advance(agentprocess.STOP_TIMEOUT)
+    assert isinstance(stopping, Deferred) and stopping.called
+    assert clock.getDelayedCalls() == []
