@@ -218,16 +218,14 @@ class Router:
         the spool, which retries them later: the client is not refused for
         copies that were written, and those are not written again.
         """
-        local = [r for r in envelope.recipients if r.route in LOCAL_ROUTES]
-        others = [r for r in envelope.recipients if r.route not in LOCAL_ROUTES]
-        if others:
-            # Only without a spool (``_queued_whole`` sends the rest there).
+        if _queued_whole(envelope):
+            # Here only without a spool to take it.
             return replies.LOCAL_ERROR
         # A local recipient with no Maildir now (its alias was removed by a
         # reload since RCPT) goes to the spool, whose agent reports it as
         # unknown to the sender: it is never dropped unsaid.
-        resolved, unknown = self.local.resolved(local)
-        others += unknown
+        resolved, unknown = self.local.resolved(envelope.recipients)
+        others = list(unknown)
         if others and self.queue is None:
             return replies.LOCAL_ERROR
 
