@@ -50,7 +50,7 @@ from mailx.client import (
     nothing_taken,
 )
 from mailx.envelope import Envelope, Route
-from mailx.maillog import PrintableLogger
+from mailx.maillog import PrintableLogger, maillog
 from mailx.replies import Reply, ReplyError
 
 log = PrintableLogger()
@@ -244,7 +244,8 @@ class WorkerPool(Service):
         if not self.running:
             return
         if not isinstance(reason.value, ProcessDone):
-            log.warn(
+            # In the mail log: the sessions it served were cut off.
+            maillog.warn(
                 "worker {index} ended: {reason}; starting it again",
                 index=protocol.index,
                 reason=reason.getErrorMessage(),

@@ -185,6 +185,22 @@ def test_a_restart_after_a_kill_serves_while_the_old_pid_is_a_zombie(
     assert len(server.messages("example.org", "alice")) == 1
 
 
+def test_a_worker_killed_is_started_again_and_the_mail_log_says_so(
+    tmp_path: Path,
+) -> None:
+    """The sessions a worker served were cut off: the mail log says so."""
+    server, main, worker = start_two(tmp_path)
+    try:
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: worker_pids(main) not in ([], [worker]), "a new worker")
+        wait_until(
+            lambda: "[mailx.mail#warn] worker 1 ended: " in server.log(),
+            "the mail log line",
+        )
+    finally:
+        server.stop()
+
+
 def test_sighup_reaches_the_workers(tmp_path: Path) -> None:
     """SIGHUP to the main process makes its workers re-read the certificate."""
     identity = make_tls_identity("mx.example.org")
