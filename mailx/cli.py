@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
+from twisted.logger import LogLevel
+
 from mailx.config import ConfigError, load_config
 from mailx.control import (
     OK,
@@ -30,7 +32,8 @@ from mailx.control import (
     send_command,
 )
 from mailx.dsn import split_headers
-from mailx.maillog import printable
+from mailx.files import open_regular_for_append
+from mailx.maillog import MailLogFile, printable
 from mailx.queue import QueuedMessage
 from mailx.spool import QUEUE_ID, SpoolStore
 
@@ -127,10 +130,36 @@ def terminal_safe(text: str) -> str:
 class QueueTool:
     """The queue commands over one spool directory and control socket."""
 
-    def __init__(self, directory: str, control_socket: str, out: TextIO) -> None:
+    def __init__(
+        self,
+        directory: str,
+        control_socket: str,
+        out: TextIO,
+        mail_log: str | None = None,
+    ) -> None:
         self.store = SpoolStore(directory)
         self.control_socket = control_socket
         self.out = out
+        # The server's log.mail_log: what is done with no server running is
+        # written there too, as the server would have.
+        self.mail_log = mail_log
+
+    def _logged(self, event: str, message_id: str) -> None:
+        """``held ID`` and the like in the mail log, when it is a file."""
+        if not self.mail_log:
+            return
+        try:
+            with open_regular_for_append(self.mail_log) as file:
+                MailLogFile(file)(
+                    {
+                        "log_format": event + " {message_id}",
+                        "message_id": message_id,
+                        "log_level": LogLevel.info,
+                        "log_time": time.time(),
+                    }
+                )
+        except OSError as error:
+            print(f"mailx: the mail log was not written: {error}", file=sys.stderr)
 
     def _print(self, lines: list[str]) -> None:
         for line in lines:
@@ -243,6 +272,7 @@ class QueueTool:
         self._load(message_id)
         if self._ask_server(f"delete {message_id}") is None:
             self.store.remove(message_id)
+            self._logged("deleted", message_id)
         print(f"{message_id}: deleted", file=self.out)
 
     def hold(self, message_id: str, hold: bool) -> None:
@@ -259,6 +289,7 @@ class QueueTool:
 
             if answer == OK:
                 self._change(message_id, change)
+                self._logged("held" if hold else "released", message_id)
         if answer == UNCHANGED:
             done = "was on hold already" if hold else "was not on hold"
         else:
@@ -325,7 +356,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return EX_CONFIG
-    tool = QueueTool(directory, config.server.control_socket, out)
+    tool = QueueTool(
+        directory, config.server.control_socket, out, config.log.mail_log or None
+    )
     try:
         _run(tool, arguments)
     except BrokenPipeError:

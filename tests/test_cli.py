@@ -270,6 +270,27 @@ def test_hold_and_release_without_server(tmp_path: Path) -> None:
     )
 
 
+def test_what_is_done_without_server_is_in_the_mail_log(tmp_path: Path) -> None:
+    """hold, release and delete with no server write the lines the server
+    would have; one that changed nothing writes none."""
+    config = write_config(tmp_path)
+    mail_log = tmp_path / "mail.log"
+    with open(config, "a") as file:
+        file.write(f'[log]\nmail_log = "{mail_log}"\n')
+    message_id = queue_message(tmp_path, "bob")
+
+    for command in ("hold", "hold", "release", "delete"):
+        assert run("queue", command, message_id, "--config", config)[0] == EX_OK
+
+    lines = mail_log.read_text().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        f"held {message_id}",
+        f"released {message_id}",
+        f"deleted {message_id}",
+    ]
+    assert all(" [mailx.mail#info] " in line for line in lines)
+
+
 def test_flush_without_server_makes_messages_due(tmp_path: Path) -> None:
     """With no server, ``queue flush`` marks messages due for the next start."""
     config = write_config(tmp_path)
