@@ -357,7 +357,13 @@ class MailxService(MultiService):
             stopping.addBoth(lambda _: spool_agent.stop())
         stopping.addBoth(self._cancel_deadline)
         # The spool may still log while its attempts end: close afterwards.
+        stopping.addBoth(self._say_stopped)
         return stopping.addBoth(self._close_mail_log)
+
+    def _say_stopped(self, result: object) -> object:
+        if not self.is_worker:
+            maillog.info("mailx stopped")
+        return result
 
     def _kill_hung_agents(self) -> None:
         """Kill an agent that answered nothing since the last look."""
@@ -395,8 +401,6 @@ class MailxService(MultiService):
         return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
 
     def _close_mail_log(self, result: object) -> None:
-        if not self.is_worker:
-            maillog.info("mailx stopped")
         if self._mail_log_file is not None:
             maillog_router.destination = globalLogPublisher
             try:

@@ -278,6 +278,9 @@ def test_sighup_reopens_the_mail_log(tmp_path: Path) -> None:
     text = log.read_text()
     assert "mail log reopened" in text
     assert "accepted from=<s@example.net>" in text
+    # A reopening is no stop: the old file says nothing of one.
+    assert "mailx stop" not in (server.workdir / "mail.log.1").read_text()
+    assert text.count("mailx stopped") == 1
 
 
 def test_sighup_reloads_the_aliases_file(tmp_path: Path) -> None:
