@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import heapq
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -175,14 +176,41 @@ class QueuedMessage:
     def from_json(cls, data: bytes) -> QueuedMessage:
         """Parse an envelope file; raise ``ValueError`` if it is not one."""
         try:
-            return _decode_message(json.loads(data, parse_constant=_no_constant))
-        except (KeyError, TypeError, AttributeError) as error:
+            return _decode_message(
+                json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+            )
+        except (KeyError, TypeError, AttributeError, OverflowError) as error:
             raise ValueError(f"malformed envelope: {error!r}") from error
 
 
 def _no_constant(name: str) -> object:
     """NaN and Infinity are no time or size: the envelope is unreadable."""
     raise ValueError(f"malformed envelope: {name} where a number belongs")
+
+
+# Seconds since the epoch a time in an envelope may have: up to 2514.
+_LATEST = float(2**34)
+
+
+def _time(value: Any) -> float:
+    """A time in an envelope, or ValueError: one out of range (edited by
+    hand) would never come, or break ``mailx queue list``."""
+    when = float(value)
+    if not 0.0 <= when < _LATEST:
+        raise ValueError(f"malformed envelope: {value!r} is no time")
+    return when
+
+
+def _optional_time(value: Any) -> float | None:
+    return None if value is None else _time(value)
+
+
+def _finite(text: str) -> float:
+    """A number too large for a float (1e400) is no time either."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"malformed envelope: {text} where a number belongs")
+    return value
 
 
 def _encode_address(address: Address | None) -> list[str] | None:
@@ -265,7 +293,7 @@ def _decode_recipient(value: dict[str, Any]) -> QueuedRecipient:
         attempts=int(value["attempts"]),
         reply=_decode_reply(value["reply"]),
         next_hop=str(value["next_hop"]),
-        last_attempt=value["last_attempt"],
+        last_attempt=_optional_time(value["last_attempt"]),
         expired=bool(value["expired"]),
     )
 
@@ -277,9 +305,9 @@ def _decode_message(value: dict[str, Any]) -> QueuedMessage:
         message_id=str(value["message_id"]),
         reverse_path=_decode_address(value["reverse_path"]),
         recipients=[_decode_recipient(r) for r in value["recipients"]],
-        arrival=float(value["arrival"]),
+        arrival=_time(value["arrival"]),
         size=int(value["size"]),
-        next_attempt=float(value["next_attempt"]),
+        next_attempt=_time(value["next_attempt"]),
         kind=MessageKind(value["kind"]),
         body=Body(value["body"]),
         smtputf8=bool(value["smtputf8"]),
@@ -288,7 +316,7 @@ def _decode_message(value: dict[str, Any]) -> QueuedMessage:
         client_address=value["client_address"],
         client_helo=value["client_helo"],
         attempts=int(value["attempts"]),
-        last_attempt=value["last_attempt"],
+        last_attempt=_optional_time(value["last_attempt"]),
         hold=bool(value["hold"]),
         delay_warned=bool(value["delay_warned"]),
         extra=dict(value.get("extra", {})),

@@ -95,6 +95,29 @@ def test_an_envelope_with_no_number_for_a_time_is_refused(constant: bytes) -> No
         QueuedMessage.from_json(data.replace(arrival, b'"arrival": ' + constant))
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("attempts", b"1e400"),
+        ("arrival", b"1e400"),
+        ("arrival", b"1" + b"0" * 400),
+        ("next_attempt", b"1e300"),
+        ("arrival", b"-5"),
+    ],
+)
+def test_an_envelope_with_a_number_out_of_range_is_refused(
+    field: str, value: bytes
+) -> None:
+    """A number too large for a float, or a time out of any range: the
+    envelope is unreadable, not a message never tried or a listing that
+    fails."""
+    data = message().to_json()
+    start = data.index(b'"%s": ' % field.encode()) + len(field) + 4
+    end = min(i for i in (data.find(b",", start), data.find(b"}", start)) if i > 0)
+    with pytest.raises(ValueError):
+        QueuedMessage.from_json(data[:start] + value + data[end:])
+
+
 def test_newer_envelope_version_is_refused() -> None:
     """An envelope written by a newer mailx is not misread."""
     data = message().to_json().replace(b'"version": 1', b'"version": 99')
