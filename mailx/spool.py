@@ -1558,8 +1558,18 @@ class Spool(Service):
         ]
         try:
             await self._send_report(message, content, items, now)
-        except Exception:
-            log.failure("success report for {id} lost", id=message.message_id)
+        except Exception as error:
+            # Not kept for another try (the message is done); said where the
+            # operator looks, the cause first (a full disk, say).
+            cause = error.__cause__ if isinstance(error, ReplyError) else error
+            maillog.error(
+                "could not queue the success report for {message_id} ({error}):"
+                " it is not sent",
+                message_id=message.message_id,
+                error=str(cause or error),
+            )
+            if not isinstance(error, ReplyError):
+                log.failure("success report for {id} lost", id=message.message_id)
 
     async def _notify_delay(
         self, message: QueuedMessage, content: bytes, now: float

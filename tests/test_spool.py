@@ -31,6 +31,7 @@ from mailx.spool import (
     Spool,
     SpoolChange,
     SpoolStore,
+    StoreNew,
     UnknownMessage,
     synchronous_io,
 )
@@ -1200,3 +1201,28 @@ def test_a_failed_removal_delivers_and_reports_nothing_again(
     ]
     assert len(reports(agent)) == 1
     assert mail_log.count(f"removed {message_id}") == 1
+
+
+def test_a_success_report_the_disk_refuses_is_said_in_the_mail_log(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent, mail_log: list[str]
+) -> None:
+    """NOTIFY=SUCCESS, and the report cannot be stored (a full disk): the
+    mail log says so, with the cause; the message itself is done."""
+    spool = make_spool(tmp_path, clock, agent)
+    submit = spool._changes.submit
+
+    def refusing_reports(change: SpoolChange) -> Deferred[bool | None]:
+        if isinstance(change, StoreNew) and change.message_id != "ORIGINAL2":
+            return fail(OSError(errno.ENOSPC, "No space left on device"))
+        return submit(change)
+
+    spool._changes.submit = refusing_reports  # type: ignore[method-assign,assignment]
+    spool.startService()
+    given = envelope("bob", notify=frozenset({"SUCCESS"}), message_id="ORIGINAL2")
+    assert result_of(spool.enqueue(given, CONTENT)) == "ORIGINAL2"
+    assert reports(agent) == []
+    assert (
+        "could not queue the success report for ORIGINAL2 ([Errno 28] No space left"
+        " on device): it is not sent"
+    ) in mail_log
+    assert mail_log[-1] == "removed ORIGINAL2"
