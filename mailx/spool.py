@@ -1286,6 +1286,12 @@ class Spool(Service):
                     lambda: self.store.load_with_content(message_id)
                 )
         except FileNotFoundError:
+            settled = self._unsaved.get(message_id)
+            if settled is not None and message_id in self._reported:
+                # Its removal had gone through when the spool agent ended
+                # (only the answer was lost): what is left of it goes now.
+                await self._finish(settled, b"", leftovers=True)
+                return
             log.warn("queued message {message_id} vanished", message_id=message_id)
             self.schedule.remove(message_id)
             return

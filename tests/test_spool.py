@@ -1226,3 +1226,36 @@ def test_a_success_report_the_disk_refuses_is_said_in_the_mail_log(
         " on device): it is not sent"
     ) in mail_log
     assert mail_log[-1] == "removed ORIGINAL2"
+
+
+def test_a_removal_done_but_unanswered_is_finished_at_the_next_attempt(
+    tmp_path: Path, clock: Clock, agent: ScriptedAgent, mail_log: list[str]
+) -> None:
+    """The spool agent renamed the message out of the queue and ended before
+    it tidied up or answered: the next attempt finds the file gone, removes
+    what is left (the rewritten envelope) and logs the removal."""
+    agent.script = {"bob": [DEFERRED, replies.OK]}
+    spool = make_spool(tmp_path, clock, agent)
+    submit = spool._changes.submit
+    message_id = "ORIGINAL3"
+    cut = [True]
+
+    def half_done(change: SpoolChange) -> Deferred[bool | None]:
+        if isinstance(change, Remove) and change.message_id == message_id and cut:
+            cut.clear()
+            submit(Remove(message_id, leftovers=False)).addErrback(lambda _: None)
+            return fail(OSError(errno.EPIPE, "the spool agent ended (signal 9)"))
+        return submit(change)
+
+    spool._changes.submit = half_done  # type: ignore[method-assign,assignment]
+    spool.startService()
+    result_of(spool.enqueue(envelope("bob", message_id=message_id), CONTENT))
+    clock.advance(MIN_RETRY * 1.5)
+    assert f"could not remove {message_id} from the queue" in mail_log[-1]
+    assert os.listdir(tmp_path / "envelope") == [message_id]
+
+    clock.advance(MIN_RETRY * 1.5)
+
+    assert mail_log[-1] == f"removed {message_id}"
+    assert os.listdir(tmp_path / "envelope") == []
+    assert len([c for c in agent.calls if c.reverse_path is not None]) == 2
