@@ -482,7 +482,8 @@ def test_policy_answers_as_deferreds_fired_or_failed() -> None:
     for that command alone, and the session goes on in order.
     """
     session, output, _sink, policy = make_session()
-    policy.check_sender = lambda *_: succeed(replies.SENDER_OK)  # type: ignore[method-assign,assignment]
+    fired = succeed(replies.SENDER_OK)
+    policy.check_sender = lambda *_: fired  # type: ignore[method-assign,assignment]
     answers = iter([fail(RuntimeError("lookup broke")), succeed_ok()])
     policy.check_recipient = lambda *_: next(answers)  # type: ignore[method-assign]
     with mail_events() as events:

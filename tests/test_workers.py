@@ -172,7 +172,9 @@ def test_a_restart_after_a_kill_serves_while_the_old_pid_is_a_zombie(
     assert os.readlink(lock) == str(main)
     try:
         server.start()
-        wait_until(lambda: len(worker_pids(server.process.pid)) == 1, "a worker")  # type: ignore[union-attr]
+        restarted = server.process
+        assert restarted is not None
+        wait_until(lambda: len(worker_pids(restarted.pid)) == 1, "a worker")
         with smtplib.SMTP(server.address, server.port, timeout=WAIT) as client:
             client.sendmail(
                 "s@example.net", ["alice@example.org"], b"Subject: w\r\n\r\nx\r\n"
