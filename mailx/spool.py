@@ -947,7 +947,10 @@ class Spool(Service):
 
         self.schedule = Schedule()
         # Messages in delivery, each with a Deferred that fires when done.
-        self._in_flight: dict[str, Deferred[None]] = {}
+        self._in_flight: set[str] = set()
+        # Who waits for an attempt under way to end (the stop), by message;
+        # made only when asked, not a Deferred an attempt (issue 7).
+        self._settle_waiters: dict[str, list[Deferred[None]]] = {}
         # Messages flushed while an attempt was under way: tried again after.
         self._flushed_in_flight: set[str] = set()
         self._turns = _Turns()
@@ -1129,7 +1132,7 @@ class Spool(Service):
         # Attempts under way finish, so their envelopes are rewritten; the
         # outbound client's timeouts bound the wait.  Then the group commit
         # and the removals they started are let finish.
-        waits += list(self._in_flight.values())
+        waits += [self._settled(message_id) for message_id in self._in_flight]
         done: Deferred[Any] = gatherResults(waits, consumeErrors=True)
         done.addBoth(lambda _: self._changes.drained())
         return done.addBoth(self._stop_pool)
@@ -1242,16 +1245,22 @@ class Spool(Service):
         """Run ``work`` with no other operation on the message under way."""
         return self._turns.run(message_id, work)
 
+    def _settled(self, message_id: str) -> Deferred[None]:
+        """Fire once the attempt under way for ``message_id`` has ended."""
+        waiter: Deferred[None] = Deferred()
+        self._settle_waiters.setdefault(message_id, []).append(waiter)
+        return waiter
+
     def _start_attempt(self, message_id: str) -> None:
-        settled: Deferred[None] = Deferred()
-        self._in_flight[message_id] = settled
+        self._in_flight.add(message_id)
 
         def attempt() -> Deferred[None]:
             return Deferred.fromCoroutine(self._attempt(message_id))
 
         def done(result: Failure | None) -> None:
-            self._in_flight.pop(message_id, None)
-            settled.callback(None)
+            self._in_flight.discard(message_id)
+            for waiter in self._settle_waiters.pop(message_id, ()):
+                waiter.callback(None)
             if isinstance(result, Failure):
                 log.failure(
                     "attempt for {message_id} failed", result, message_id=message_id
