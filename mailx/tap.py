@@ -68,11 +68,6 @@ from mailx.workers import HandoffQueue, WorkerPool, handoff_path
 
 _T = TypeVar("_T")
 
-# An agent with a request waiting that answers nothing for this long, while
-# the server runs, is taken for hung and killed: sessions hung silently
-# behind a stopped agent before (a new-user round).
-HUNG_AGENT_TIME = 120.0
-
 
 class Options(usage.Options):
     synopsis = "[--config PATH]"
@@ -244,10 +239,6 @@ class MailxService(MultiService):
         # answered at the last look.
         self._deadline: IDelayedCall | None = None
         self._agents_seen: dict[str, int] = {}
-        # While running: each agent's answers and whether a request waited,
-        # at the last look (``_watch_agents``).
-        self._watchdog: IDelayedCall | None = None
-        self._watched: dict[str, tuple[int, bool]] = {}
         # What SIGHUP reloads besides the certificate (set by build_service).
         self.parts: _Parts | None = None
         self._mail_log_file: IO[str] | None = None
@@ -290,38 +281,8 @@ class MailxService(MultiService):
             local=",".join(self.config.domains.local),
             backup=",".join(self.config.domains.backup),
         )
-        if self._agents():
-            self._watchdog = self.clock.callLater(HUNG_AGENT_TIME, self._watch_agents)
-
-    def _watch_agents(self) -> None:
-        """
-        Kill an agent that has answered nothing for a whole period while a
-        request waited (a process stopped, a disk that does not answer):
-        what it had not answered fails as when an agent dies (the client
-        gets 451, a Maildir copy goes to the queue), rather than sessions
-        hanging until the client gives up, and the next request starts a
-        new agent.  A disk that hangs in the kernel keeps even a killed
-        process until it answers; then its requests fail the same way.
-        """
-        for agent in self._agents():
-            waiting = agent.running and agent.unanswered > 0
-            if waiting and self._watched.get(agent.name) == (agent.answered, True):
-                maillog.error(
-                    "{agent} agent answered nothing for {seconds} s: killing it",
-                    agent=agent.name,
-                    seconds=int(HUNG_AGENT_TIME),
-                )
-                agent.kill()
-                self._watched.pop(agent.name, None)
-                continue
-            self._watched[agent.name] = (agent.answered, waiting)
-        self._watchdog = self.clock.callLater(HUNG_AGENT_TIME, self._watch_agents)
 
     def stopService(self) -> Deferred[None] | None:
-        # From here on the stop's own watch (STOP_TIMEOUT) takes over.
-        if self._watchdog is not None and self._watchdog.active():
-            self._watchdog.cancel()
-        self._watchdog = None
         if not self.is_worker:
             maillog.info(
                 "mailx stopping: open sessions get 421, deliveries under way finish"
