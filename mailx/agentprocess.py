@@ -179,6 +179,8 @@ class AgentProcess(ProcessProtocol):
 
     def kill(self) -> None:
         """End the agent at once (SIGKILL); what it had not answered fails."""
+        if self._stop_timer is not None and self._stop_timer.active():
+            self._stop_timer.cancel()
         self._stop_timer = None
         if self._running and self.transport is not None:
             self.transport.signalProcess("KILL")

@@ -148,6 +148,13 @@ class QueueTool:
         """``held ID`` and the like in the mail log, when it is a file."""
         if not self.mail_log:
             return
+        if not os.path.exists(self.mail_log):
+            # Not made here: made by this command's user (root, say), the
+            # server's user might not open it at its next start.
+            print(
+                f"mailx: no mail log at {self.mail_log}; not written", file=sys.stderr
+            )
+            return
         try:
             with open_regular_for_append(self.mail_log) as file:
                 MailLogFile(file)(
@@ -260,18 +267,21 @@ class QueueTool:
         if not message.hold:
             message.next_attempt = 0.0
 
-    def _change(self, message_id: str, change: Callable[[QueuedMessage], None]) -> None:
+    def _change(self, message_id: str, change: Callable[[QueuedMessage], None]) -> bool:
+        """Change a message's envelope on disk; False if it is gone."""
         try:
             message = self.store.load(message_id)
         except FileNotFoundError:
-            return
+            return False
         change(message)
         self.store.rewrite(message)
+        return True
 
     def delete(self, message_id: str) -> None:
         self._load(message_id)
-        if self._ask_server(f"delete {message_id}") is None:
-            self.store.remove(message_id)
+        if self._ask_server(f"delete {message_id}") is None and self.store.remove(
+            message_id
+        ):
             self._logged("deleted", message_id)
         print(f"{message_id}: deleted", file=self.out)
 
@@ -288,7 +298,8 @@ class QueueTool:
                     message.next_attempt = 0.0
 
             if answer == OK:
-                self._change(message_id, change)
+                if not self._change(message_id, change):
+                    raise CommandError(f"no such message {message_id}")
                 self._logged("held" if hold else "released", message_id)
         if answer == UNCHANGED:
             done = "was on hold already" if hold else "was not on hold"

@@ -1303,6 +1303,8 @@ class Spool(Service):
                 return
             log.warn("queued message {message_id} vanished", message_id=message_id)
             self.schedule.remove(message_id)
+            self._unsaved.pop(message_id, None)
+            self._reported.discard(message_id)
             return
         except (ValueError, OSError) as error:
             if isinstance(error, OSError) and error.errno not in _NOT_A_FILE:

@@ -275,6 +275,9 @@ class MailxService(MultiService):
                 " and mail to queue is refused with 451 until they can",
                 problem=problem,
             )
+        if self.is_worker:
+            # The main process says it, once for the server.
+            return
         maillog.info(
             "mailx started as {hostname}; local={local} backup={backup}",
             hostname=self.config.server.hostname,

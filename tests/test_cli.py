@@ -278,9 +278,14 @@ def test_what_is_done_without_server_is_in_the_mail_log(tmp_path: Path) -> None:
     with open(config, "a") as file:
         file.write(f'[log]\nmail_log = "{mail_log}"\n')
     message_id = queue_message(tmp_path, "bob")
+    # Not made by the command (its user may not be the server's).
+    assert run("queue", "hold", message_id, "--config", config)[0] == EX_OK
+    assert not mail_log.exists()
+    assert run("queue", "release", message_id, "--config", config)[0] == EX_OK
+    mail_log.touch()
 
-    for command in ("hold", "hold", "release", "delete"):
-        assert run("queue", command, message_id, "--config", config)[0] == EX_OK
+    for command in ("hold", "hold", "release", "delete", "delete"):
+        run("queue", command, message_id, "--config", config)
 
     lines = mail_log.read_text().splitlines()
     assert [line.split("] ", 1)[1] for line in lines] == [
