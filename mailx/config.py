@@ -281,14 +281,24 @@ def _integer(minimum: int, maximum: int | None = None) -> Checker:
     return check
 
 
+# The longest time a setting may give, about three years: a retry interval
+# beyond it would put a message's next attempt past any time an envelope
+# may hold (mailx.queue), and no timeout needs more.
+MAX_SECONDS = 100_000_000
+
+
 def _seconds(allow_zero: bool = False) -> Checker:
-    wanted = "a number of seconds" + (" >= 0" if allow_zero else " > 0")
+    wanted = (
+        "a number of seconds"
+        + (" >= 0" if allow_zero else " > 0")
+        + f" and at most {MAX_SECONDS}"
+    )
 
     def check(key: str, value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _fail(key, wanted, value)
         seconds = float(value)
-        if not math.isfinite(seconds) or seconds < 0:
+        if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SECONDS:
             raise _fail(key, wanted, value)
         if seconds == 0 and not allow_zero:
             raise _fail(key, wanted, value)

@@ -224,6 +224,20 @@ WRONG_VALUES = [
     ("relay", "networks", '["10.0.0.0/"]', "must be a network in CIDR notation"),
     ("auth", "users_file", "false", "must be a string"),
     ("queue", "min_retry", '"5m"', "must be a number of seconds > 0"),
+    # A retry that far would put the next attempt past any time an envelope
+    # may hold: the message would be set aside, never tried.
+    (
+        "queue",
+        "min_retry",
+        "2e10",
+        "must be a number of seconds > 0 and at most 100000000",
+    ),
+    (
+        "queue",
+        "max_retry",
+        "100000001",
+        "must be a number of seconds > 0 and at most 100000000",
+    ),
     ("queue", "delay_warning", "-1", "must be a number of seconds >= 0"),
     ("queue", "bounce_copy_to", '"nobody"', "must be an address local@domain"),
     ("delivery", "port", "0", "must be an integer from 1 to 65535"),
