@@ -229,7 +229,7 @@ class AgentProcess(ProcessProtocol):
             self._stop_timer.cancel()
         self._stop_timer = None
         pending, self._pending = self._pending, {}
-        how = _how_it_ended(reason)
+        how = how_it_ended(reason)
         if not self._stopping or pending:
             maillog.error(
                 "{agent} agent ended ({how}) with {count} requests unanswered;"
@@ -253,7 +253,8 @@ class AgentProcess(ProcessProtocol):
             waiter.callback(None)
 
 
-def _how_it_ended(reason: Failure) -> str:
+def how_it_ended(reason: Failure) -> str:
+    """A process's end in plain words: "exit status N" or "signal N"."""
     if isinstance(reason.value, ProcessTerminated):
         if reason.value.signal is not None:
             return f"signal {reason.value.signal}"

@@ -35,11 +35,11 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.python.failure import Failure
 
 from mailx import replies
+from mailx.agentprocess import how_it_ended
 from mailx.client import (
     ClientSession,
     SessionOutcome,
@@ -243,13 +243,13 @@ class WorkerPool(Service):
         self.processes.pop(protocol.index, None)
         if not self.running:
             return
-        if not isinstance(reason.value, ProcessDone):
-            # In the mail log: the sessions it served were cut off.
-            maillog.warn(
-                "worker {index} ended: {reason}; starting it again",
-                index=protocol.index,
-                reason=reason.getErrorMessage(),
-            )
+        # In the mail log: the sessions it served were cut off.  Any end,
+        # a clean exit too, is unexpected while the pool runs.
+        maillog.warn(
+            "worker {index} ended: {reason}; starting it again",
+            index=protocol.index,
+            reason=how_it_ended(reason),
+        )
         self.reactor.callLater(RESTART_DELAY, self._restart, protocol.index)
 
     def _restart(self, index: int) -> None:
