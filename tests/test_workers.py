@@ -57,9 +57,9 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def start_two(tmp_path: Path) -> tuple[MailxProcess, int, int]:
+def start_two(tmp_path: Path, extra: str = "") -> tuple[MailxProcess, int, int]:
     port = free_port()
-    extra = '[dns]\nservers = ["127.0.0.1:9"]\ntimeout = 1\n'
+    extra += '[dns]\nservers = ["127.0.0.1:9"]\ntimeout = 1\n'
     config = basic_config(port, extra=extra).replace(
         "[server]\n", "[server]\nworkers = 2\n"
     )
@@ -204,6 +204,21 @@ def test_a_worker_killed_is_started_again_and_the_mail_log_says_so(
         )
     finally:
         server.stop()
+
+
+def test_the_start_is_said_once_whatever_the_workers(tmp_path: Path) -> None:
+    """The main process says the server started; its workers, the one
+    started again included, write nothing of it into the mail log."""
+    server, main, worker = start_two(tmp_path, '[log]\nmail_log = "mail.log"\n')
+    try:
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: worker_pids(main) not in ([], [worker]), "a new worker")
+        time.sleep(1.0)  # Time for the new worker to have said it, were it to.
+    finally:
+        server.stop()
+    text = (server.workdir / "mail.log").read_text()
+    assert text.count("mailx started as") == 1
+    assert text.count("mailx stopped") == 1
 
 
 def test_sighup_reaches_the_workers(tmp_path: Path) -> None:
